@@ -1,0 +1,158 @@
+"""Checkpoints: one dict of named parts, written atomically, loaded with ``weights_only=True``.
+
+Everything saved is tensors, numbers, strings, lists and dicts, so loading never runs pickled
+code. A checkpoint holds the whole training state (model, optimizer, scheduler, classifier,
+center-loss state, RNG states, epoch, metrics, resolved config), so a run can resume from it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not fit the model."""
+
+
+def rng_state() -> dict:
+    """RNG states of Python, numpy, torch CPU and every CUDA device, as plain data."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_flags(module: nn.Module) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in module.named_parameters()}
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
+    half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, scheduler=None,
+                    classifier: nn.Module | None = None, prompt_learner: nn.Module | None = None,
+                    extra_modules: dict[str, nn.Module] | None = None, extra_optimizers: dict | None = None,
+                    metadata: dict | None = None, epoch: int = 0, train_loss: float | None = None,
+                    val_metrics: dict | None = None, tag: str = "", log: Callable[[str], None] | None = None) -> list[Path]:
+    """Write the training state to ``path`` (and, when ``prompt_learner`` is given, its state dict
+    to ``<stem>_prompt.pth`` beside it). Returns the written paths."""
+    path = Path(path)
+    state = {
+        "model_state_dict": model.state_dict(),
+        "trainable_flags": trainable_flags(model),
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler_state_dict": scheduler.state_dict() if scheduler is not None else None,
+        "classifier_state_dict": classifier.state_dict() if classifier is not None else None,
+        "prompt_learner_state_dict": prompt_learner.state_dict() if prompt_learner is not None else None,
+        "extra_state_dicts": {k: m.state_dict() for k, m in (extra_modules or {}).items()},
+        "extra_optimizer_state_dicts": {k: o.state_dict() for k, o in (extra_optimizers or {}).items()},
+        "metadata": metadata or {},
+        "rng_state": rng_state(),
+        "epoch": int(epoch),
+        "train_loss": None if train_loss is None else float(train_loss),
+        "val_metrics": {k: float(v) for k, v in (val_metrics or {}).items()},
+        "tag": tag,
+    }
+    written = [atomic_torch_save(state, path)]
+    if prompt_learner is not None:
+        prompt_path = path.with_name(path.stem + "_prompt.pth")
+        written.append(atomic_torch_save({"prompt_learner_state_dict": prompt_learner.state_dict(),
+                                          "metadata": metadata or {}}, prompt_path))
+    if log is not None:
+        log(f"saved {tag or 'checkpoint'} -> {path}")
+    return written
+
+
+def _load_module(module: nn.Module, state: dict, what: str, log: Callable[[str], None]) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        message = f"{what}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        warnings.warn(message)
+        log(message)
+        raise CheckpointError(message)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{what}: {str(err).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str | Path, *, model: nn.Module, device: torch.device | str = "cpu",
+                    optimizer=None, scheduler=None, classifier: nn.Module | None = None,
+                    prompt_learner: nn.Module | None = None, extra_modules: dict[str, nn.Module] | None = None,
+                    extra_optimizers: dict | None = None, restore_rng: bool = True,
+                    log: Callable[[str], None] = lambda _: None) -> dict:
+    """Restore what ``save_checkpoint`` wrote into the given objects, strictly (a mismatch raises
+    CheckpointError after a warning naming the keys). Returns the raw checkpoint dict
+    (``metadata``, ``epoch``, ``val_metrics``, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # modules copy to their device
+    except Exception as err:  # a corrupt or foreign file: report, never execute
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    _load_module(model, state["model_state_dict"], "model", log)
+    for name, p in model.named_parameters():
+        if name in state.get("trainable_flags", {}):
+            p.requires_grad_(state["trainable_flags"][name])
+    pairs = [(classifier, "classifier_state_dict"), (prompt_learner, "prompt_learner_state_dict")]
+    for module, key in pairs:
+        if module is not None:
+            if state.get(key) is None:
+                raise CheckpointError(f"{path} holds no {key}")
+            _load_module(module, state[key], key, log)
+    for name, module in (extra_modules or {}).items():
+        _load_module(module, state["extra_state_dicts"][name], name, log)
+    if optimizer is not None and state.get("optimizer_state_dict") is not None:
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+    if scheduler is not None and state.get("scheduler_state_dict") is not None:
+        scheduler.load_state_dict(state["scheduler_state_dict"])
+    for name, opt in (extra_optimizers or {}).items():
+        opt.load_state_dict(state["extra_optimizer_state_dicts"][name])
+    if restore_rng:
+        set_rng_state(state["rng_state"])
+    log(f"loaded checkpoint {path} (epoch {state['epoch']})")
+    return state

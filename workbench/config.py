@@ -1,0 +1,420 @@
+"""The experiment config: one frozen, typed object, loaded from YAML and validated once.
+
+The YAML keeps the original research code's flat key names (``lr``, ``n_ctx``,
+``epochs_image``, ...) so its configs load unchanged. ``load(path, overrides)`` is the only
+code that reads YAML; ``--set key=value`` overrides are parsed as YAML scalars and must keep
+the key's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+STAGE_MODES = ("prompt_then_image", "prompt_only", "image_only")
+LOSS_NAMES = ("id", "triplet", "center", "i2t", "t2i")
+# Names the original research configs used for the same losses.
+LOSS_ALIASES = {
+    "ce": ("id",), "xent": ("id",), "arcface": ("id",), "id_loss": ("id",),
+    "tri": ("triplet",), "tri_loss": ("triplet",), "center_loss": ("center",),
+    "supcon": ("i2t", "t2i"), "contrastive": ("i2t", "t2i"),
+    "loss_i2t": ("i2t",), "loss_t2i": ("t2i",),
+}
+CLIP_CONTEXT_LENGTH = 77
+
+
+class ConfigError(ValueError):
+    """A user-caused problem with the experiment config; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The ``tune:`` section: what ``workbench tune`` maximises and over which space."""
+
+    metric: str = "best_mAP"
+    """Run metric to optimise: best_mAP, best_rank1, mAP or rank1 (last epoch)."""
+    direction: str = "maximize"
+    """maximize or minimize."""
+    space: dict = field(default_factory=lambda: {
+        "n_ctx": {"type": "int", "low": 2, "high": 16},
+        "lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+        "center_loss_weight": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    })
+    """Search space: config key -> {type: int|float|categorical, low, high, step, log, choices}."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one ``workbench run`` needs. Every field has a default."""
+
+    # --- naming and bookkeeping ---
+    experiment: str = "workbench"
+    """MLflow experiment name and the first part of every file name."""
+    variant: str = "base"
+    """Free-form tag for this configuration, part of every file name."""
+    seed: int = 0
+    """Seed for torch, numpy and Python's random."""
+    output_dir: str = "runs"
+    """Folder under which each run writes its log, config and checkpoints."""
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI; null means MLFLOW_TRACKING_URI or sqlite:///mlflow.db."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on the CPU)."""
+    log_every: int = 20
+    """Steps between metric flushes and progress-bar updates (each costs one host sync)."""
+    save_checkpoints: bool = True
+    """Write BEST / FINAL checkpoints to disk."""
+    log_checkpoints: bool = True
+    """Also store the checkpoints as MLflow artifacts."""
+
+    # --- data ---
+    dataset: str = "11k"
+    """Dataset name used in file names and tags."""
+    data_root: str = "data/11k_dorsal_r"
+    """Folder with train/, query/ and gallery/, each holding one folder per identity."""
+    synthesize_if_missing: bool = False
+    """Generate the synthetic identity dataset into data_root when it does not exist."""
+    synth_identities: int = 60
+    """Synthetic dataset: identities for training (as many again for query/gallery)."""
+    synth_images_per_identity: int = 8
+    """Synthetic dataset: images per identity and split."""
+    aspect: str = "dorsal right"
+    """Hand aspect substituted for {aspect} in prompt_template."""
+    image_size: list = field(default_factory=lambda: [256, 128])
+    """Input size [height, width]."""
+    batch_size: int = 32
+    """Images per training batch (P identities x num_instances images)."""
+    num_instances: int = 4
+    """Images per identity in a training batch (K of the PK sampler)."""
+    test_batch_size: int = 128
+    """Batch size for feature extraction."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
+    flip_prob: float = 0.5
+    """Probability of a horizontal flip in training."""
+    pad: int = 10
+    """Padding before the random crop in training (pixels)."""
+    random_erasing: float = 0.5
+    """Probability of random erasing in training."""
+
+    # --- model ---
+    model_type: str = "ViT-B/16"
+    """CLIP architecture: the original's names (ViT-B/16, RN50, vitb16) or open_clip's."""
+    pretrained: Optional[str] = "openai"
+    """open_clip pretrained tag, a local weights file, or null for random weights."""
+    n_ctx: int = 12
+    """Learned context tokens per class in the prompt."""
+    prompt_template: str = "{aspect} hand of a person"
+    """Prompt text after the learned context tokens; {aspect} is replaced by aspect."""
+    stage_mode: str = "prompt_then_image"
+    """prompt_then_image, prompt_only or image_only."""
+    freeze_prompt: bool = True
+    """Keep the learned prompt fixed during the image stage."""
+    train_text_encoder: bool = False
+    """Also fine-tune CLIP's text encoder during the image stage."""
+    arcface_scale: float = 30.0
+    """ArcFace scale s."""
+    arcface_margin: float = 0.5
+    """ArcFace additive angular margin m (radians)."""
+    eval_neck_feat: str = "before"
+    """Features for validation: before (L2-normalised image features) or after the BNNeck."""
+
+    # --- optimisation ---
+    epochs_prompt: int = 60
+    """Epochs of the prompt stage."""
+    epochs_image: int = 40
+    """Epochs of the image stage."""
+    lr: float = 5e-5
+    """Learning rate of the image stage (and of the prompt stage unless lr_prompt is set)."""
+    lr_prompt: Optional[float] = None
+    """Learning rate of the prompt stage; null means lr."""
+    weight_decay: float = 1e-4
+    """Adam weight decay."""
+    warmup_epochs: int = 0
+    """Linear warm-up epochs at the start of each stage."""
+    eta_min: float = 1e-6
+    """Final learning rate of the cosine schedule."""
+    loss_list: list = field(default_factory=lambda: list(LOSS_NAMES))
+    """Losses of the image stage: id, triplet, center, i2t, t2i (aliases: supcon, tri, ce)."""
+    triplet_margin: float = 0.3
+    """Margin of the batch-hard triplet loss."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the ID loss on ArcFace logits."""
+    center_lr: float = 0.5
+    """SGD learning rate of the class centers."""
+    center_loss_weight: float = 0.0003
+    """Weight of the center loss in the total loss."""
+    prompt_reg_weight: float = 0.001
+    """Weight of the L2 regulariser mean(ctx^2) in the prompt stage."""
+    contrastive_logit_scale: Optional[float] = None
+    """Scale of the image-text cosine logits; null means CLIP's learned logit_scale."""
+    max_rank: int = 50
+    """Longest CMC curve computed in validation."""
+
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """Settings of ``workbench tune``."""
+
+    def __post_init__(self):
+        def bad(key, why):
+            raise ConfigError(f"{key}: {why}")
+
+        if self.stage_mode not in STAGE_MODES:
+            bad("stage_mode", f"unknown value {self.stage_mode!r}; choose one of {', '.join(STAGE_MODES)}")
+        for key in ("lr", "weight_decay", "center_lr", "eta_min"):
+            value = getattr(self, key)
+            if value < 0 or (key in ("lr", "center_lr") and value == 0):
+                bad(key, f"must be positive, got {value}")
+        if self.lr_prompt is not None and self.lr_prompt <= 0:
+            bad("lr_prompt", f"must be positive, got {self.lr_prompt}")
+        if self.center_loss_weight < 0:
+            bad("center_loss_weight", f"must be >= 0, got {self.center_loss_weight}")
+        if self.center_loss_weight == 0 and "center" in self.losses:
+            bad("center_loss_weight", "is 0 while loss_list has center; remove center from loss_list instead")
+        if not 1 <= self.n_ctx < CLIP_CONTEXT_LENGTH - 2:
+            bad("n_ctx", f"must be between 1 and {CLIP_CONTEXT_LENGTH - 3} (CLIP's context is "
+                f"{CLIP_CONTEXT_LENGTH} tokens), got {self.n_ctx}")
+        if "{aspect}" not in self.prompt_template and self.aspect:
+            bad("prompt_template", f"{self.prompt_template!r} has no {{aspect}} placeholder while aspect is "
+                f"{self.aspect!r}")
+        if re.search(r"\{(?!aspect\})[^}]*\}", self.prompt_template):
+            bad("prompt_template", f"{self.prompt_template!r}: only the {{aspect}} placeholder is allowed")
+        if len(self.image_size) != 2 or any(not isinstance(s, int) or s < 32 for s in self.image_size):
+            bad("image_size", f"must be [height, width] with both at least 32, got {self.image_size}")
+        for key in ("epochs_prompt", "epochs_image", "warmup_epochs", "num_workers"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.stage_mode != "image_only" and self.epochs_prompt == 0:
+            bad("epochs_prompt", f"is 0 but stage_mode {self.stage_mode} trains the prompt")
+        if self.stage_mode != "prompt_only" and self.epochs_image == 0:
+            bad("epochs_image", f"is 0 but stage_mode {self.stage_mode} trains the image encoder")
+        if self.num_instances < 2:
+            bad("num_instances", f"must be >= 2 (the triplet loss needs positives), got {self.num_instances}")
+        if self.batch_size % self.num_instances or self.batch_size < 2 * self.num_instances:
+            bad("batch_size", f"must be a multiple of num_instances ({self.num_instances}) covering at "
+                f"least 2 identities, got {self.batch_size}")
+        for key in ("log_every", "test_batch_size", "max_rank", "synth_identities", "synth_images_per_identity"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("flip_prob", "random_erasing", "label_smoothing"):
+            if not 0 <= getattr(self, key) <= 1:
+                bad(key, f"must be within [0, 1], got {getattr(self, key)}")
+        if self.eval_neck_feat not in ("before", "after"):
+            bad("eval_neck_feat", f"must be before or after, got {self.eval_neck_feat!r}")
+        if self.arcface_scale <= 0 or not 0 <= self.arcface_margin < 1.6:
+            bad("arcface_margin" if self.arcface_scale > 0 else "arcface_scale",
+                "scale must be > 0 and margin within [0, 1.6) radians")
+        if self.contrastive_logit_scale is not None and self.contrastive_logit_scale <= 0:
+            bad("contrastive_logit_scale", f"must be positive, got {self.contrastive_logit_scale}")
+        if not self.device == "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.losses:
+            bad("loss_list", "is empty")
+
+    @property
+    def losses(self) -> tuple[str, ...]:
+        """loss_list with aliases resolved, in canonical order."""
+        return resolve_loss_list(self.loss_list)
+
+    @property
+    def prompt_lr(self) -> float:
+        return self.lr if self.lr_prompt is None else self.lr_prompt
+
+    @property
+    def trains_prompt(self) -> bool:
+        return self.stage_mode in ("prompt_then_image", "prompt_only")
+
+    @property
+    def trains_image(self) -> bool:
+        return self.stage_mode in ("prompt_then_image", "image_only")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Short, stable hash of the resolved config (tags, checkpoints, caches)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def resolve_loss_list(loss_list) -> tuple[str, ...]:
+    chosen = set()
+    for name in loss_list:
+        key = str(name).lower()
+        if key in LOSS_NAMES:
+            chosen.add(key)
+        elif key in LOSS_ALIASES:
+            chosen.update(LOSS_ALIASES[key])
+        else:
+            raise ConfigError(f"loss_list: unknown loss {name!r}; known: {', '.join(LOSS_NAMES)} "
+                              f"(aliases: {', '.join(LOSS_ALIASES)})")
+    return tuple(n for n in LOSS_NAMES if n in chosen)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return value coerced to the annotation (int -> float only), or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation in (bool, str, dict, list):
+        if isinstance(value, annotation):
+            return list(value) if annotation is list else value
+    elif dataclasses.is_dataclass(annotation):
+        if isinstance(value, dict):
+            return _build(annotation, value, prefix=f"{key}.")
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported annotation {annotation} for {key}")
+    want = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            close = difflib.get_close_matches(key, list(types_), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown config key{hint}")
+        kwargs[key] = _check_type(prefix + key, value, types_[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'a.b=1e-4'`` -> (['a', 'b'], 1e-4); the value is parsed as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse override value {raw!r}: {err.problem}") from None
+    if isinstance(value, str) and raw.strip().lower() in ("null", "none", "~"):
+        value = None
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
+    """Return a copy of the raw YAML dict with each ``key=value`` override applied.
+
+    An override may not change the type of a key the YAML or the defaults already give (an int
+    where a float is expected is fine)."""
+    values = json.loads(json.dumps(values))  # deep copy of plain YAML data
+    defaults = Config().to_dict()
+    for text in overrides or []:
+        path, value = parse_override(text)
+        target, default = values, defaults
+        for part in path[:-1]:
+            if not isinstance(default, dict) or part not in default:
+                raise ConfigError(f"{'.'.join(path)}: unknown config key")
+            target = target.setdefault(part, {})
+            default = default[part]
+            if not isinstance(target, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        target[path[-1]] = value
+    return values
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML experiment file (or only the defaults when path is None), apply overrides,
+    validate, and return the frozen Config. Raises ConfigError naming the offending key."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    values = apply_overrides(values, overrides)
+    return _build(Config, values)
+
+
+def replace(cfg: Config, **changes) -> Config:
+    """A validated copy of cfg with changes (dotted sections via nested dicts)."""
+    values = cfg.to_dict()
+    for key, value in changes.items():
+        values[key] = value
+    return _build(Config, values)
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their JSON text (MLflow params)."""
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and name != "tune.space":
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (dict, list)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- names
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", text.replace("/", "").replace("-", "")) or "x"
+
+
+def build_filename(cfg: Config, epochs: int | None, stage: str, extension: str | None = None,
+                   timestamped: bool = False, tag: str = "") -> str:
+    """Name of one file of a run, e.g. ``quickstart_ViTB16_11k_dorsalright_base_e40_lr5e-05_bs32_nctx12_image_BEST.pth``.
+
+    experiment, model, dataset, aspect, variant, epochs, lr, batch size, n_ctx (when the prompt
+    matters), then the stage and tag. With ``extension=None`` it returns the stem, which is also
+    the MLflow run name."""
+    lr = cfg.prompt_lr if stage == "prompt" else cfg.lr
+    parts = [_slug(cfg.experiment), _slug(cfg.model_type), _slug(cfg.dataset),
+             _slug(cfg.aspect or "noaspect"), _slug(cfg.variant)]
+    if epochs is not None:
+        parts.append(f"e{epochs}")
+    parts += [f"lr{lr:g}", f"bs{cfg.batch_size}"]
+    if cfg.stage_mode != "image_only":
+        parts.append(f"nctx{cfg.n_ctx}")
+    parts.append(stage + (f"_{tag.lstrip('_')}" if tag else ""))
+    if timestamped:
+        parts.append(time.strftime("%Y%m%d-%H%M%S"))
+    stem = "_".join(parts)
+    return f"{stem}.{extension.lstrip('.')}" if extension else stem

@@ -1,0 +1,327 @@
+"""ReID data: the folder layout, transforms, the identity-balanced sampler, loaders, and a
+synthetic hand-identity dataset.
+
+Layout: ``root/{train,query,gallery}/<pid>/<image>``. A ``c<N>`` part of an image's file name
+(``0002_c1s1_000451.jpg``, ``hand_c2_07.png``) gives its camera. Classes are the training pids
+sorted by name; query and gallery identities are compared by name.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_CAMERA = re.compile(r"(?:^|[_\-])c(\d+)", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """A user-caused data problem: missing folder, empty split, unreadable image."""
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str
+    pid: str
+    camid: int  # -1 when the file name carries no camera
+
+
+@dataclass
+class ReIDData:
+    """The three splits of a ReID dataset; ``classnames[i]`` is the pid of training label i."""
+
+    train: list[Record]
+    query: list[Record]
+    gallery: list[Record]
+    classnames: list[str]
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classnames)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def train_labels(self) -> list[int]:
+        index = self.class_to_idx
+        return [index[r.pid] for r in self.train]
+
+    @property
+    def has_cameras(self) -> bool:
+        return all(r.camid >= 0 for r in self.query + self.gallery)
+
+    @property
+    def unmatched_query_pids(self) -> list[str]:
+        """Query identities absent from the gallery (reported, and skipped by the metrics)."""
+        gallery = {r.pid for r in self.gallery}
+        return sorted({r.pid for r in self.query} - gallery)
+
+
+def camera_of(filename: str) -> int:
+    match = _CAMERA.search(Path(filename).stem)
+    return int(match.group(1)) if match else -1
+
+
+def scan_split(folder: Path) -> list[Record]:
+    """Records of one split folder holding one sub-folder per identity."""
+    if not folder.is_dir():
+        raise DataError(f"dataset folder not found: {folder}")
+    records = []
+    for pid_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for image in sorted(pid_dir.iterdir()):
+            if image.suffix.lower() in IMAGE_EXTENSIONS:
+                records.append(Record(str(image), pid_dir.name, camera_of(image.name)))
+    if not records:
+        raise DataError(f"no images found under {folder} (expected {folder}/<pid>/<image>)")
+    return records
+
+
+def load_reid_dataset(root: str | Path) -> ReIDData:
+    """Scan ``root/{train,query,gallery}`` and return the records and class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    train, query, gallery = (scan_split(root / split) for split in ("train", "query", "gallery"))
+    classnames = sorted({r.pid for r in train})
+    if len(classnames) < 2:
+        raise DataError(f"{root / 'train'} has {len(classnames)} identity; at least 2 are needed")
+    return ReIDData(train, query, gallery, classnames)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def build_transforms(image_size: Sequence[int], train: bool, flip_prob: float = 0.5, pad: int = 10,
+                     random_erasing: float = 0.5) -> T.Compose:
+    """Train: resize, flip, pad + random crop, normalise, random erasing (BoT). Test: resize, normalise."""
+    size = tuple(image_size)
+    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+    if train:
+        if flip_prob > 0:
+            steps.append(T.RandomHorizontalFlip(flip_prob))
+        if pad > 0:
+            steps += [T.Pad(pad), T.RandomCrop(size)]
+    steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    if train and random_erasing > 0:
+        steps.append(T.RandomErasing(p=random_erasing, value=0))  # 0 is the mean after normalising
+    return T.Compose(steps)
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label, camid, index) for each record; label is -1 for unknown pids."""
+
+    def __init__(self, records: Sequence[Record], transform, class_to_idx: dict[str, int] | None = None):
+        self.records = list(records)
+        self.transform = transform
+        self.labels = [(class_to_idx or {}).get(r.pid, -1) for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        try:
+            with Image.open(record.path) as img:
+                image = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DataError(f"cannot read image {record.path}: {err}") from None
+        return self.transform(image), self.labels[index], record.camid, index
+
+
+class IdentitySampler(Sampler[list[int]]):
+    """Batches of P identities x K images (``num_instances``), as batch-hard triplet loss needs.
+
+    Each epoch every identity's images are shuffled and cut into groups of K (identities with
+    fewer than K images are sampled with replacement); batches draw P identities at random among
+    those with groups left. Deterministic for (seed, epoch): call ``set_epoch`` each epoch."""
+
+    def __init__(self, labels: Sequence[int], batch_size: int, num_instances: int, seed: int = 0):
+        self.labels = np.asarray(labels)
+        self.num_instances = num_instances
+        self.num_ids_per_batch = batch_size // num_instances
+        self.seed, self.epoch = seed, 0
+        self.index_by_id = {pid: np.flatnonzero(self.labels == pid) for pid in np.unique(self.labels)}
+        if len(self.index_by_id) < self.num_ids_per_batch:
+            raise DataError(f"batch_size {batch_size} needs {self.num_ids_per_batch} identities per batch but the "
+                            f"training set has {len(self.index_by_id)}; lower batch_size")
+        groups = sum(max(1, len(ix) // num_instances) for ix in self.index_by_id.values())
+        self._length = groups // self.num_ids_per_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        k = self.num_instances
+        groups: dict[int, list[np.ndarray]] = {}
+        for pid, ix in self.index_by_id.items():
+            ix = rng.choice(ix, size=k, replace=True) if len(ix) < k else rng.permutation(ix)
+            groups[pid] = [ix[i:i + k] for i in range(0, len(ix) - k + 1, k)]
+        available = [pid for pid in groups if groups[pid]]
+        for _ in range(self._length):
+            if len(available) < self.num_ids_per_batch:
+                break
+            chosen = rng.choice(len(available), size=self.num_ids_per_batch, replace=False)
+            batch = []
+            for pos in chosen:
+                batch.extend(groups[available[pos]].pop().tolist())
+            available = [pid for pid in available if groups[pid]]
+            yield batch
+
+
+@dataclass
+class Loaders:
+    """Everything the stages need from the data."""
+
+    train: DataLoader  # PK batches, training transforms
+    train_eval: DataLoader  # every training image once, test transforms (feature caching)
+    query: DataLoader
+    gallery: DataLoader
+    data: ReIDData
+    sampler: IdentitySampler
+
+
+def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int, num_instances: int,
+                  test_batch_size: int, num_workers: int, seed: int, flip_prob: float = 0.5, pad: int = 10,
+                  random_erasing: float = 0.5, pin_memory: bool = False) -> Loaders:
+    train_tf = build_transforms(image_size, True, flip_prob, pad, random_erasing)
+    test_tf = build_transforms(image_size, False)
+    index = data.class_to_idx
+    sampler = IdentitySampler(data.train_labels, batch_size, num_instances, seed)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+
+    def plain(records, labels):
+        return DataLoader(ImageDataset(records, test_tf, labels), batch_size=test_batch_size, shuffle=False, **common)
+
+    train = DataLoader(ImageDataset(data.train, train_tf, index), batch_sampler=sampler, **common)
+    return Loaders(train=train, train_eval=plain(data.train, index), query=plain(data.query, None),
+                   gallery=plain(data.gallery, None), data=data, sampler=sampler)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+SKIN_TONES = np.array([[224, 172, 140], [198, 134, 100], [160, 110, 80], [236, 192, 160], [120, 80, 60]], float)
+MARK_COLOURS = np.array([[40, 40, 40], [200, 30, 30], [30, 60, 200], [30, 150, 60], [230, 200, 40],
+                         [150, 40, 160]], float)
+CAMERA_CASTS = np.array([[1.0, 1.0, 1.0], [1.15, 0.95, 0.85], [0.85, 0.95, 1.15], [1.0, 1.12, 0.9]])
+
+
+def _identity(rng: np.random.Generator) -> dict:
+    """The fixed appearance of one synthetic hand: shape, skin tone and distinctive marks."""
+    return {
+        "skin": SKIN_TONES[rng.integers(len(SKIN_TONES))] + rng.normal(0, 8, 3),
+        "finger_len": rng.uniform(0.55, 1.0, 5),
+        "finger_w": rng.uniform(0.09, 0.15),
+        "palm": (rng.uniform(0.36, 0.48), rng.uniform(0.32, 0.44)),
+        "spread": rng.uniform(0.12, 0.3),
+        # marks: (finger index or -1 for the palm, position along it, colour index, radius)
+        "marks": [(int(rng.integers(-1, 5)), rng.uniform(0.2, 0.9), int(rng.integers(len(MARK_COLOURS))),
+                   rng.uniform(0.035, 0.06)) for _ in range(int(rng.integers(2, 4)))],
+        "band": (int(rng.integers(0, 5)), int(rng.integers(len(MARK_COLOURS)))),  # a ring
+    }
+
+
+def render_hand(ident: dict, rng: np.random.Generator, camera: int, size: tuple[int, int] = (128, 64)) -> Image.Image:
+    """One view of a synthetic hand: the identity's shape and marks under a random pose, scale,
+    position, background, camera colour cast, brightness and noise."""
+    h, w = size
+    scale = 2  # draw large, then downsample: anti-aliased edges
+    H, W = h * scale, w * scale
+    bg = rng.uniform(40, 220, 3)
+    img = Image.new("RGB", (W, H), tuple(int(c) for c in bg))
+    draw = ImageDraw.Draw(img)
+    # background clutter independent of identity
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = rng.uniform(0, W), rng.uniform(0, H)
+        r = rng.uniform(5, 25) * scale
+        draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=tuple(int(c) for c in rng.uniform(30, 230, 3)))
+    unit = W * rng.uniform(0.7, 0.9)
+    cx, cy = W / 2 + rng.normal(0, 0.04) * W, H * 0.66 + rng.normal(0, 0.03) * H
+    angle = rng.normal(0, 0.18)
+    skin = np.clip(ident["skin"] * rng.uniform(0.9, 1.1), 0, 255)
+    pw, ph = ident["palm"][0] * unit, ident["palm"][1] * unit
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+    def to_img(x, y):
+        vx, vy = rot @ np.array([x, y])
+        return cx + vx, cy + vy
+
+    palm_poly = [to_img(pw * math.cos(t), ph * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 32)]
+    draw.polygon(palm_poly, fill=tuple(int(c) for c in skin))
+    finger_w = ident["finger_w"] * unit
+    tips = []
+    for i in range(5):
+        spread = ident["spread"] + rng.normal(0, 0.03)
+        theta = -math.pi / 2 + (i - 2) * spread + (0.5 if i == 0 else 0)
+        base = (pw * 0.8 * math.cos(theta), ph * 0.9 * math.sin(theta))
+        length = ident["finger_len"][i] * unit * (0.55 if i == 0 else 0.7)
+        tip = (base[0] + length * math.cos(theta), base[1] + length * math.sin(theta))
+        draw.line([to_img(*base), to_img(*tip)], fill=tuple(int(c) for c in skin), width=int(finger_w))
+        r = finger_w / 2
+        tx, ty = to_img(*tip)
+        draw.ellipse([tx - r, ty - r, tx + r, ty + r], fill=tuple(int(c) for c in skin))
+        tips.append((base, tip))
+    band_finger, band_colour = ident["band"]
+    (bx, by), (tx_, ty_) = tips[band_finger]
+    p, q = to_img(bx + 0.35 * (tx_ - bx), by + 0.35 * (ty_ - by)), to_img(bx + 0.45 * (tx_ - bx), by + 0.45 * (ty_ - by))
+    draw.line([p, q], fill=tuple(int(c) for c in MARK_COLOURS[band_colour]), width=int(finger_w))
+    for where, pos, colour, radius in ident["marks"]:
+        if where < 0:
+            mx, my = to_img((pos - 0.55) * pw * 1.2, (pos - 0.5) * ph * 0.8)
+        else:
+            (bx, by), (tx_, ty_) = tips[where]
+            mx, my = to_img(bx + pos * (tx_ - bx), by + pos * (ty_ - by))
+        r = radius * unit * 0.6
+        draw.ellipse([mx - r, my - r, mx + r, my + r], fill=tuple(int(c) for c in MARK_COLOURS[colour]))
+    img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, 1.5))).resize((w, h), Image.BILINEAR)
+    pixels = np.asarray(img, dtype=np.float32)
+    pixels = pixels * CAMERA_CASTS[camera % len(CAMERA_CASTS)] * rng.uniform(0.75, 1.25)
+    pixels += rng.normal(0, rng.uniform(2, 10), pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def synthesize_dataset(out: str | Path, identities: int = 60, images_per_identity: int = 8, seed: int = 0,
+                       size: tuple[int, int] = (128, 64)) -> Path:
+    """Write a synthetic hand ReID dataset in the folder layout and return its root.
+
+    ``identities`` training identities and as many disjoint test identities; each training
+    identity gets ``images_per_identity`` images from cameras 1-3; each test identity gets 2
+    query images from camera 1 and ``images_per_identity`` gallery images from cameras 2-3.
+    The same arguments always give the same images. Written to a temporary folder first, so an
+    interrupted run never leaves a half-made dataset."""
+    out = Path(out)
+    if identities < 2 or images_per_identity < 2:
+        raise DataError("synthetic data needs at least 2 identities and 2 images per identity")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    rng = np.random.default_rng(seed)
+    people = [_identity(rng) for _ in range(2 * identities)]
+    for number, ident in enumerate(people):
+        pid = f"{number + 1:04d}"
+        views = ([("train", 1 + i % 3) for i in range(images_per_identity)] if number < identities else
+                 [("query", 1)] * 2 + [("gallery", 2 + i % 2) for i in range(images_per_identity)])
+        view_rng = np.random.default_rng([seed, number])
+        for i, (split, camera) in enumerate(views):
+            folder = tmp / split / pid
+            folder.mkdir(parents=True, exist_ok=True)
+            render_hand(ident, view_rng, camera, size).save(folder / f"{pid}_c{camera}_{i:03d}.png")
+    if out.exists():
+        raise DataError(f"{out} already exists; remove it or choose another folder")
+    tmp.rename(out)
+    return out

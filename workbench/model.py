@@ -1,0 +1,333 @@
+"""CLIP backbone (open_clip), the prompt learner with CLIP's full text path, BNNeck and ArcFace.
+
+The model knows nothing about training: freezing helpers say which parameters train, the
+stages decide when.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODEL = "wb-tiny"
+PROMPT_PREFIX = "A photo of a"
+_registered = False
+
+
+class ModelError(RuntimeError):
+    """A model could not be built or loaded (bad weights file, failed download)."""
+
+
+def register_model_configs() -> None:
+    """Make the package's own open_clip configs (``wb-tiny``: a CPU-sized CLIP) known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def resolve_model_name(model_type: str) -> str:
+    """``ViT-B/16``, ``vitb16``, ``ViT-B-16`` -> open_clip's ``ViT-B-16``; ``rn50`` -> ``RN50``."""
+    register_model_configs()
+    known = open_clip.list_models()
+    if model_type in known:
+        return model_type
+    by_key = {_key(n): n for n in known}
+    if _key(model_type) in by_key:
+        return by_key[_key(model_type)]
+    import difflib
+    close = difflib.get_close_matches(model_type.replace("/", "-"), known, n=3)
+    raise ConfigError(f"model_type: unknown CLIP model {model_type!r}"
+                      + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, bool]:
+    """Return (value for open_clip, quick_gelu) after checking that the tag or file exists."""
+    if pretrained in (None, "", "none", "None", "null"):
+        return None, False
+    if os.path.isfile(os.path.expanduser(pretrained)):
+        return os.path.expanduser(pretrained), False
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ConfigError(f"pretrained: {pretrained!r} is neither an existing file nor an open_clip tag for "
+                          f"{name} (tags: {', '.join(tags) or 'none'})")
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    return pretrained, bool(cfg.get("quick_gelu", False))
+
+
+def _is_modified_resnet(visual: nn.Module) -> bool:
+    return hasattr(visual, "attnpool") and hasattr(visual.attnpool, "positional_embedding")
+
+
+@torch.no_grad()
+def resize_attnpool_pos_embed(visual: nn.Module, image_size: Sequence[int]) -> None:
+    """Fit a ModifiedResNet's attention-pool positional embedding to a (H, W) input.
+
+    open_clip builds it for a square image only; like CLIP-ReID, the spatial part is
+    interpolated (bicubic) from its square grid to H/32 x W/32, keeping pretrained weights."""
+    pool = visual.attnpool
+    old = pool.positional_embedding.data
+    cls_tok, grid = old[:1], old[1:]
+    side = int(math.sqrt(grid.shape[0]))
+    new_hw = (image_size[0] // 32, image_size[1] // 32)
+    if new_hw == (side, side):
+        return
+    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_hw, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_hw[0] * new_hw[1], -1).to(old.dtype)
+    pool.positional_embedding = nn.Parameter(torch.cat([cls_tok, grid]), requires_grad=pool.positional_embedding.requires_grad)
+    visual.image_size = tuple(image_size)
+
+
+def load_clip_with_patch(model_type: str, device: torch.device | str = "cpu", freeze_all: bool = True,
+                         pretrained: str | None = None, image_size: Sequence[int] = (256, 128)) -> nn.Module:
+    """Build an open_clip CLIP for ReID-shaped (non-square) inputs and return it on ``device``.
+
+    ``pretrained`` is an open_clip tag (downloaded by open_clip), a local weights file, or None
+    (random weights). ViT positional embeddings are interpolated by open_clip; a ModifiedResNet
+    (RN50, ...) is built square, loaded, then its attention pool is patched for H x W."""
+    name = resolve_model_name(model_type)
+    weights, quick_gelu = _resolve_pretrained(name, pretrained)
+    image_size = tuple(int(s) for s in image_size)
+    config = open_clip.get_model_config(name)
+    resnet = isinstance(config["vision_cfg"].get("layers"), (list, tuple))
+    if resnet and any(s % 32 for s in image_size):
+        raise ConfigError(f"image_size: {list(image_size)} must be multiples of 32 for {name}")
+    if not resnet:
+        patch = config["vision_cfg"].get("patch_size") or 1
+        if any(s % patch for s in image_size):
+            raise ConfigError(f"image_size: {list(image_size)} must be multiples of the patch size {patch} for {name}")
+    try:
+        model = open_clip.create_model(
+            name, pretrained=weights, force_quick_gelu=quick_gelu,
+            force_image_size=None if resnet else image_size, device="cpu")
+    except (RuntimeError, OSError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load {name} with pretrained={pretrained!r}: {first}") from None
+    if resnet:
+        resize_attnpool_pos_embed(model.visual, image_size)
+    model.to(device)
+    if freeze_all:
+        freeze_entire_clip_model(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- freezing
+
+def _say(log: Callable[[str], None] | None, text: str) -> None:
+    if log is not None:
+        log(text)
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def freeze_entire_clip_model(clip_model: nn.Module, log: Callable[[str], None] | None = None) -> None:
+    """Every parameter of CLIP (and of any head registered on it) stops training."""
+    for p in clip_model.parameters():
+        p.requires_grad_(False)
+    _say(log, f"froze all {_count(clip_model.parameters()):,} CLIP parameters")
+
+
+def image_encoder_parameters(clip_model: nn.Module) -> list[nn.Parameter]:
+    return list(clip_model.visual.parameters())
+
+
+def text_encoder_parameters(clip_model: nn.Module) -> list[nn.Parameter]:
+    """The text tower: token and positional embeddings, transformer, ln_final, projection."""
+    params = [*clip_model.token_embedding.parameters(), clip_model.positional_embedding,
+              *clip_model.transformer.parameters(), *clip_model.ln_final.parameters()]
+    if isinstance(clip_model.text_projection, nn.Parameter):
+        params.append(clip_model.text_projection)
+    elif clip_model.text_projection is not None:
+        params += list(clip_model.text_projection.parameters())
+    return params
+
+
+def unfreeze_clip_image_encoder(clip_model: nn.Module, log: Callable[[str], None] | None = None) -> None:
+    params = image_encoder_parameters(clip_model)
+    for p in params:
+        p.requires_grad_(True)
+    _say(log, f"unfroze the image encoder ({_count(params):,} parameters)")
+
+
+def unfreeze_clip_text_encoder(clip_model: nn.Module, log: Callable[[str], None] | None = None) -> None:
+    params = text_encoder_parameters(clip_model)
+    for p in params:
+        p.requires_grad_(True)
+    _say(log, f"unfroze the text encoder ({_count(params):,} parameters)")
+
+
+def freeze_prompt_learner(prompt_learner: nn.Module, log: Callable[[str], None] | None = None) -> None:
+    for p in prompt_learner.parameters():
+        p.requires_grad_(False)
+    _say(log, f"froze the prompt learner ({_count(prompt_learner.parameters()):,} parameters)")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+class PromptLearner(nn.Module):
+    """Class-specific learned context inside a fixed prompt (CLIP-ReID's stage-1 prompt).
+
+    Every class c reads ``"A photo of a [ctx_c,1] ... [ctx_c,n_ctx] {template}."``, where
+    ``{template}`` is ``prompt_template`` with ``{aspect}`` filled in. Only ``ctx``
+    (num_classes x n_ctx x width) trains; the other token embeddings are frozen buffers."""
+
+    def __init__(self, classnames: Sequence[str], clip_model: nn.Module, n_ctx: int,
+                 prompt_template: str = "{aspect} hand of a person", aspect: str = "",
+                 model_name: str | None = None):
+        super().__init__()
+        self.classnames = list(classnames)
+        self.n_ctx = n_ctx
+        tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.get_tokenizer("ViT-B-16")
+        context_length = int(clip_model.positional_embedding.shape[0])
+        body = prompt_template.format(aspect=aspect).strip()
+        text = f"{PROMPT_PREFIX} {' '.join(['X'] * n_ctx)} {body}.".replace("  ", " ")
+        n_prefix = _n_tokens(tokenizer, PROMPT_PREFIX)
+        needed = _n_tokens(tokenizer, text) + 2  # start and end of text
+        if needed > context_length:
+            raise ConfigError(f"n_ctx: the prompt needs {needed} tokens with n_ctx={n_ctx}, more than CLIP's "
+                              f"context of {context_length}; lower n_ctx or shorten prompt_template")
+        self.prompt_text = text
+        tokens = tokenizer([text])[:, :context_length]
+        self.register_buffer("tokens", tokens, persistent=False)
+        # The causal mask makes the end-of-text feature depend only on the tokens up to it, so
+        # the text transformer runs on that many positions instead of the full 77.
+        self.eot_index = int(tokens.argmax(-1).item())
+        width = clip_model.token_embedding.weight.shape[1]
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(tokens.to(clip_model.token_embedding.weight.device))
+        start = 1 + n_prefix
+        self.register_buffer("token_prefix", embedding[:, :start].detach().clone().cpu(), persistent=False)
+        self.register_buffer("token_suffix", embedding[:, start + n_ctx:self.eot_index + 1].detach().clone().cpu(),
+                             persistent=False)
+        ctx = torch.empty(len(self.classnames), n_ctx, width)
+        nn.init.normal_(ctx, std=0.02)
+        self.ctx = nn.Parameter(ctx)
+        self.to(clip_model.token_embedding.weight.device)
+
+    @property
+    def num_classes(self) -> int:
+        return self.ctx.shape[0]
+
+    def forward_batch(self, labels: torch.Tensor) -> torch.Tensor:
+        """Prompt token embeddings for ``labels``: (B, eot_index + 1, width)."""
+        ctx = self.ctx[labels]
+        batch = ctx.shape[0]
+        return torch.cat([self.token_prefix.expand(batch, -1, -1), ctx,
+                          self.token_suffix.expand(batch, -1, -1)], dim=1)
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    tokens = tokenizer([text], context_length=512) if _accepts_length(tokenizer) else tokenizer([text])
+    return int((tokens[0] != 0).sum().item()) - 2
+
+
+def _accepts_length(tokenizer) -> bool:
+    import inspect
+    try:
+        return "context_length" in inspect.signature(tokenizer.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def encode_prompt_embeddings(clip_model: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+    """CLIP's text path from prompt embeddings (B, L, width) whose last position is the
+    end-of-text token: + positional embedding -> causal transformer -> ln_final -> EOT
+    feature -> text_projection -> L2 normalise. Returns (B, embed_dim)."""
+    length = embeddings.shape[1]
+    x = embeddings + clip_model.positional_embedding[:length].to(embeddings.dtype)
+    mask = clip_model.attn_mask[:length, :length] if clip_model.attn_mask is not None else None
+    x = clip_model.transformer(x, attn_mask=mask)
+    x = clip_model.ln_final(x[:, -1])
+    proj = clip_model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1)
+
+
+def text_features(clip_model: nn.Module, prompt_learner: PromptLearner, labels: torch.Tensor) -> torch.Tensor:
+    """Normalised text features of the learned prompts of ``labels``: (B, embed_dim)."""
+    return encode_prompt_embeddings(clip_model, prompt_learner.forward_batch(labels))
+
+
+def all_text_features(clip_model: nn.Module, prompt_learner: PromptLearner, chunk: int = 256) -> torch.Tensor:
+    """Text features of every class in label order: (num_classes, embed_dim)."""
+    labels = torch.arange(prompt_learner.num_classes, device=prompt_learner.ctx.device)
+    return torch.cat([text_features(clip_model, prompt_learner, part) for part in labels.split(chunk)])
+
+
+def encode_images(clip_model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Unnormalised image features from CLIP's image encoder: (B, embed_dim)."""
+    return clip_model.encode_image(images)
+
+
+# ----------------------------------------------------------------------------- ReID head
+
+class ArcFace(nn.Module):
+    """Additive angular margin classifier (as CLIP-ReID's Arcface, easy_margin off):
+    logits = s * cos(theta + m) for the true class and s * cos(theta) for the others."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 30.0, margin: float = 0.5):
+        super().__init__()
+        self.scale, self.margin = scale, margin
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.xavier_uniform_(self.weight)
+        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
+        self.th = math.cos(math.pi - margin)
+        self.mm = math.sin(math.pi - margin) * margin
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        cosine = F.linear(F.normalize(feats.float()), F.normalize(self.weight.float()))
+        if labels is None:
+            return cosine * self.scale
+        sine = torch.sqrt((1.0 - cosine.pow(2)).clamp(0, 1))
+        phi = cosine * self.cos_m - sine * self.sin_m
+        phi = torch.where(cosine > self.th, phi, cosine - self.mm)
+        one_hot = F.one_hot(labels, cosine.shape[1]).to(cosine.dtype)
+        return (one_hot * phi + (1.0 - one_hot) * cosine) * self.scale
+
+
+def build_bnneck(feat_dim: int) -> nn.BatchNorm1d:
+    """BatchNorm1d whose bias does not train (BoT's BNNeck)."""
+    bn = nn.BatchNorm1d(feat_dim)
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    bn.bias.requires_grad_(False)
+    return bn
+
+
+@torch.no_grad()
+def infer_feat_dim(clip_model: nn.Module, image_size: Sequence[int]) -> int:
+    """Image feature width, found by one dummy forward (as the original does)."""
+    device = next(clip_model.parameters()).device
+    was_training = clip_model.training
+    clip_model.eval()
+    out = clip_model.encode_image(torch.zeros(1, 3, *image_size, device=device))
+    clip_model.train(was_training)
+    return int(out.shape[-1])
+
+
+def register_bnneck_and_arcface(clip_model: nn.Module, num_classes: int, image_size: Sequence[int],
+                                arcface_scale: float = 30.0, arcface_margin: float = 0.5) -> int:
+    """Attach ``bottleneck`` (BNNeck) and ``arcface`` to ``clip_model``; returns feat_dim."""
+    feat_dim = infer_feat_dim(clip_model, image_size)
+    device = next(clip_model.parameters()).device
+    clip_model.bottleneck = build_bnneck(feat_dim).to(device)
+    clip_model.arcface = ArcFace(feat_dim, num_classes, arcface_scale, arcface_margin).to(device)
+    return feat_dim

@@ -1,0 +1,220 @@
+"""``train_joint``: build data, model and tracking from a Config, run the stage mode, return
+the final metrics. ``workbench run`` and every tuning trial call this one function."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import config as config_module
+from .config import Config, build_filename
+from .data import DataError, build_loaders, load_reid_dataset, synthesize_dataset
+from .model import PromptLearner, load_clip_with_patch, register_bnneck_and_arcface, resolve_model_name
+from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
+                     train_clipreid_prompt_stage)
+from .tracking import NullTracker, Tracker, run_params, save_curves
+
+LOSS_KEYS = ["loss", "id_loss", "tri_loss", "center_loss", "i2t_loss", "t2i_loss", "feat_norm", "arc_conf", "lr"]
+PROMPT_KEYS = ["prompt_loss", "i2t_loss", "t2i_loss", "prompt_norm", "prompt_var", "prompt_grad", "logits_std"]
+EVAL_KEYS = ["rank1", "rank5", "rank10", "mAP", "prompt_rank1", "prompt_mAP"]
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise config_module.ConfigError(f"device: {name} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def setup_logger(log_path: Path) -> logging.Logger:
+    """A logger writing to the run's .log file and to the console."""
+    logger = logging.getLogger(f"workbench.run.{log_path}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    file_handler = logging.FileHandler(log_path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(file_handler)
+    logger.addHandler(console)
+    return logger
+
+
+def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
+    root = Path(cfg.data_root)
+    if not root.exists():
+        if not cfg.synthesize_if_missing:
+            raise DataError(f"dataset folder not found: {root} (set data_root, or synthesize_if_missing: true "
+                            f"for the synthetic dataset)")
+        log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} identities)")
+        synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed)
+    return root
+
+
+def run_tags(cfg: Config) -> dict[str, str]:
+    return {"stage_mode": cfg.stage_mode, "model": cfg.model_type, "dataset": cfg.dataset, "aspect": cfg.aspect,
+            "variant": cfg.variant, "git_commit": git_commit(), "config_hash": cfg.hash()}
+
+
+def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
+                report: Callable[[int, dict], None] | None = None, *, run_name: str | None = None,
+                nested: bool = False, feature_cache: dict | None = None, keep_checkpoints: bool = True) -> dict:
+    """One complete run: prompt stage and/or image stage as ``cfg.stage_mode`` says.
+
+    ``cfg`` is a Config or a YAML path. The tracker (default: none) gets one run named by
+    ``build_filename``'s stem. ``report(epoch, metrics)`` is called after every validation.
+    ``feature_cache`` (a dict shared between runs) reuses the frozen training features of the
+    prompt stage when model, weights, data and transforms are the same. Returns the final
+    metrics: best_rank1, best_mAP, best_epoch, final rank-k, wall times, run_id and run_dir."""
+    cfg = config_module.load(cfg) if isinstance(cfg, (str, Path)) else cfg
+    tracker = tracker or NullTracker()
+    stem = build_filename(cfg, cfg.epochs_image if cfg.trains_image else cfg.epochs_prompt,
+                          "image" if cfg.trains_image else "prompt")
+    run_dir = Path(cfg.output_dir) / f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / f"{stem}.log"
+    logger = setup_logger(log_path)
+    log = logger.info
+    config_path = run_dir / f"{stem}_config.yaml"
+    config_path.write_text(cfg.to_yaml())
+    written: list[Path] = []
+
+    with tracker.start_run(run_name or stem, cfg.experiment, tags=run_tags(cfg), nested=nested) as run_id:
+        try:
+            tracker.log_params(run_params(cfg))
+            tracker.log_artifact(config_path)
+            result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache)
+            result.update(run_id=run_id, run_dir=str(run_dir))
+            tracker.log_metrics({k: result[k] for k in ("best_rank1", "best_mAP", "best_epoch",
+                                                        "prompt_stage_seconds", "image_stage_seconds",
+                                                        "total_seconds") if result.get(k) is not None}, step=0)
+            for name, keys in ((f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_prompt.png", PROMPT_KEYS),
+                               (f"{stem}_metrics.png", EVAL_KEYS)):
+                plot = save_curves(tracker.history, run_dir / name, keys, stem)
+                if plot is not None:
+                    tracker.log_artifact(plot, "plots")
+            if cfg.log_checkpoints and keep_checkpoints:
+                for path in written:
+                    if path.exists():
+                        tracker.log_artifact(path, "checkpoints")
+            log(f"run finished: best rank1 {result['best_rank1']:.2f} mAP {result['best_mAP']:.2f} "
+                f"(epoch {result['best_epoch']}), {result['total_seconds']:.1f}s; files in {run_dir}")
+        except BaseException as err:
+            log(f"run failed: {type(err).__name__}: {err}")
+            raise
+        finally:
+            for handler in list(logger.handlers):
+                handler.flush()
+            tracker.log_artifact(log_path)
+            for handler in list(logger.handlers):
+                handler.close()
+                logger.removeHandler(handler)
+    return result
+
+
+def _feature_key(cfg: Config) -> tuple:
+    """What the frozen training features depend on (and nothing a tuning trial samples)."""
+    return (resolve_model_name(cfg.model_type), cfg.pretrained, str(Path(cfg.data_root).resolve()),
+            tuple(cfg.image_size), cfg.seed if cfg.pretrained in (None, "", "none") else None, cfg.device)
+
+
+def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem: str, written: list[Path],
+                feature_cache: dict | None) -> dict:
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    ensure_dataset(cfg, log)
+    data = load_reid_dataset(cfg.data_root)
+    log(f"data: {len(data.train)} train images of {data.num_classes} identities, {len(data.query)} query, "
+        f"{len(data.gallery)} gallery, cameras {'known' if data.has_cameras else 'unknown'}")
+    unmatched = data.unmatched_query_pids
+    if unmatched:
+        log(f"warning: {len(unmatched)} query identities have no gallery image and are skipped: "
+            f"{', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}")
+    tracker.log_metrics({"num_classes": data.num_classes, "num_train": len(data.train),
+                         "num_query": len(data.query), "num_gallery": len(data.gallery),
+                         "num_unmatched_query_ids": len(unmatched)}, step=0)
+    loaders = build_loaders(data, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                            num_instances=cfg.num_instances, test_batch_size=cfg.test_batch_size,
+                            num_workers=cfg.num_workers, seed=cfg.seed, flip_prob=cfg.flip_prob, pad=cfg.pad,
+                            random_erasing=cfg.random_erasing, pin_memory=device.type == "cuda")
+
+    clip_model = load_clip_with_patch(cfg.model_type, device, freeze_all=True, pretrained=cfg.pretrained,
+                                      image_size=cfg.image_size)
+    prompt_learner = PromptLearner(data.classnames, clip_model, cfg.n_ctx, cfg.prompt_template, cfg.aspect,
+                                   model_name=resolve_model_name(cfg.model_type))
+    feat_dim = register_bnneck_and_arcface(clip_model, data.num_classes, cfg.image_size, cfg.arcface_scale,
+                                           cfg.arcface_margin)
+    log(f"model: {cfg.model_type} (pretrained={cfg.pretrained}) at {cfg.image_size[0]}x{cfg.image_size[1]}, "
+        f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_learner.prompt_text}', device {device}")
+    metadata = {"architecture": cfg.model_type, "feat_dim": feat_dim, "num_classes": data.num_classes,
+                "classnames": data.classnames, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+                "stage_mode": cfg.stage_mode}
+
+    result: dict = {"best_rank1": None, "best_mAP": None, "best_epoch": None,
+                    "prompt_stage_seconds": None, "image_stage_seconds": None}
+    step = 0
+    if cfg.trains_prompt:
+        cached = None
+        if feature_cache is not None:
+            key = _feature_key(cfg)
+            if key in feature_cache:
+                cached = feature_cache[key]
+                log("reusing cached frozen training features")
+            else:
+                cached = feature_cache[key] = cache_image_features(clip_model, loaders.train_eval, device, cfg.amp)
+        path = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL") \
+            if cfg.save_checkpoints else None
+        prompt = train_clipreid_prompt_stage(clip_model, prompt_learner, loaders.train_eval,
+                                             PromptStageSettings.from_config(cfg), device, tracker, log,
+                                             cached_features=cached, checkpoint_path=path, metadata=metadata)
+        if path is not None:
+            written.append(path)
+        step = prompt["steps"]
+        result.update(prompt_stage_seconds=prompt["seconds"], prompt_rank1=prompt["prompt_rank1"],
+                      prompt_mAP=prompt["prompt_mAP"], best_rank1=prompt["prompt_rank1"],
+                      best_mAP=prompt["prompt_mAP"], best_epoch=cfg.epochs_prompt)
+        tracker.log_metrics({"prompt_stage_seconds": prompt["seconds"]}, step=0)
+
+    if cfg.trains_image:
+        def checkpoint_path(tag: str) -> Path:
+            path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag=tag)
+            if path not in written:
+                written.extend([path, path.with_name(path.stem + "_prompt.pth")])
+            return path
+
+        image = train_clipreid_image_stage(
+            clip_model, prompt_learner if cfg.stage_mode == "prompt_then_image" or not cfg.freeze_prompt else None,
+            loaders, ImageStageSettings.from_config(cfg), device, tracker, log, report,
+            checkpoint_path if cfg.save_checkpoints else None, metadata, start_step=step)
+        result.update({k: v for k, v in image.items() if k not in ("steps", "seconds")})
+        result["image_stage_seconds"] = image["seconds"]
+    result["total_seconds"] = time.perf_counter() - started
+    return result
