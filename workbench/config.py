@@ -31,6 +31,7 @@ LOSS_ALIASES = {
     "loss_i2t": ("i2t",), "loss_t2i": ("t2i",),
 }
 CLIP_CONTEXT_LENGTH = 77
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -284,6 +285,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads 1e-4 (no dot) as a string
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -217,7 +217,7 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
 SKIN_TONES = np.array([[224, 172, 140], [198, 134, 100], [160, 110, 80], [236, 192, 160], [120, 80, 60]], float)
 MARK_COLOURS = np.array([[40, 40, 40], [200, 30, 30], [30, 60, 200], [30, 150, 60], [230, 200, 40],
                          [150, 40, 160]], float)
-CAMERA_CASTS = np.array([[1.0, 1.0, 1.0], [1.15, 0.95, 0.85], [0.85, 0.95, 1.15], [1.0, 1.12, 0.9]])
+CAMERA_CASTS = np.array([[1.0, 1.0, 1.0], [1.08, 0.98, 0.92], [0.92, 0.98, 1.08], [1.0, 1.06, 0.94]])
 
 
 def _identity(rng: np.random.Generator) -> dict:
@@ -232,6 +232,8 @@ def _identity(rng: np.random.Generator) -> dict:
         "marks": [(int(rng.integers(-1, 5)), rng.uniform(0.2, 0.9), int(rng.integers(len(MARK_COLOURS))),
                    rng.uniform(0.035, 0.06)) for _ in range(int(rng.integers(2, 4)))],
         "band": (int(rng.integers(0, 5)), int(rng.integers(len(MARK_COLOURS)))),  # a ring
+        "tattoo": (int(rng.integers(3)), rng.uniform(30, 250, 3), rng.uniform(-0.15, 0.15, 2)),  # shape, colour, offset
+        "nails": rng.uniform(40, 240, 3),
     }
 
 
@@ -249,9 +251,9 @@ def render_hand(ident: dict, rng: np.random.Generator, camera: int, size: tuple[
         x0, y0 = rng.uniform(0, W), rng.uniform(0, H)
         r = rng.uniform(5, 25) * scale
         draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=tuple(int(c) for c in rng.uniform(30, 230, 3)))
-    unit = W * rng.uniform(0.7, 0.9)
-    cx, cy = W / 2 + rng.normal(0, 0.04) * W, H * 0.66 + rng.normal(0, 0.03) * H
-    angle = rng.normal(0, 0.18)
+    unit = W * rng.uniform(0.76, 0.84)
+    cx, cy = W / 2 + rng.normal(0, 0.02) * W, H * 0.66 + rng.normal(0, 0.02) * H
+    angle = rng.normal(0, 0.07)
     skin = np.clip(ident["skin"] * rng.uniform(0.9, 1.1), 0, 255)
     pw, ph = ident["palm"][0] * unit, ident["palm"][1] * unit
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -262,6 +264,16 @@ def render_hand(ident: dict, rng: np.random.Generator, camera: int, size: tuple[
 
     palm_poly = [to_img(pw * math.cos(t), ph * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 32)]
     draw.polygon(palm_poly, fill=tuple(int(c) for c in skin))
+    shape, colour, (ox, oy) = ident["tattoo"]
+    tx0, ty0 = to_img(ox * pw, oy * ph)
+    r = 0.55 * min(pw, ph)
+    fill = tuple(int(c) for c in colour)
+    if shape == 0:
+        draw.ellipse([tx0 - r, ty0 - r, tx0 + r, ty0 + r], fill=fill)
+    elif shape == 1:
+        draw.polygon([to_img(ox * pw + dx * r, oy * ph + dy * r) for dx, dy in ((-1, -1), (1, -1), (1, 1), (-1, 1))], fill=fill)
+    else:
+        draw.polygon([to_img(ox * pw + dx * r, oy * ph + dy * r) for dx, dy in ((0, -1.2), (1.1, 0.9), (-1.1, 0.9))], fill=fill)
     finger_w = ident["finger_w"] * unit
     tips = []
     for i in range(5):
@@ -273,7 +285,7 @@ def render_hand(ident: dict, rng: np.random.Generator, camera: int, size: tuple[
         draw.line([to_img(*base), to_img(*tip)], fill=tuple(int(c) for c in skin), width=int(finger_w))
         r = finger_w / 2
         tx, ty = to_img(*tip)
-        draw.ellipse([tx - r, ty - r, tx + r, ty + r], fill=tuple(int(c) for c in skin))
+        draw.ellipse([tx - r, ty - r, tx + r, ty + r], fill=tuple(int(c) for c in ident["nails"]))
         tips.append((base, tip))
     band_finger, band_colour = ident["band"]
     (bx, by), (tx_, ty_) = tips[band_finger]
@@ -289,7 +301,7 @@ def render_hand(ident: dict, rng: np.random.Generator, camera: int, size: tuple[
         draw.ellipse([mx - r, my - r, mx + r, my + r], fill=tuple(int(c) for c in MARK_COLOURS[colour]))
     img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, 1.5))).resize((w, h), Image.BILINEAR)
     pixels = np.asarray(img, dtype=np.float32)
-    pixels = pixels * CAMERA_CASTS[camera % len(CAMERA_CASTS)] * rng.uniform(0.75, 1.25)
+    pixels = pixels * CAMERA_CASTS[camera % len(CAMERA_CASTS)] * rng.uniform(0.9, 1.1)
     pixels += rng.normal(0, rng.uniform(2, 10), pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 

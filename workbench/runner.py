@@ -74,7 +74,8 @@ def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
             raise DataError(f"dataset folder not found: {root} (set data_root, or synthesize_if_missing: true "
                             f"for the synthetic dataset)")
         log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} identities)")
-        synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed)
+        synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed,
+                           size=tuple(cfg.image_size))
     return root
 
 

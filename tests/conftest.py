@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench import config
+from workbench.data import synthesize_dataset
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic ReID dataset shared by the tests (8 train + 8 test identities)."""
+    return synthesize_dataset(tmp_path_factory.mktemp("data") / "hands", identities=8, images_per_identity=4,
+                              seed=1, size=(64, 32))
+
+
+@pytest.fixture
+def tiny_config(synth_root, tmp_path) -> config.Config:
+    """The quickstart at test size: tiny CLIP, 32x32 inputs... one epoch of each stage, CPU."""
+    return config.load("experiments/quickstart.yaml", [
+        f"data_root={synth_root}", f"output_dir={tmp_path / 'runs'}", "synthesize_if_missing=false",
+        "epochs_prompt=2", "epochs_image=2", "batch_size=8", "num_instances=2", "log_every=2",
+        "test_batch_size=32", "device=cpu", "image_size=[64, 32]"])

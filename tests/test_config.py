@@ -1,0 +1,82 @@
+import pytest
+
+from workbench import config
+from workbench.config import Config, ConfigError, build_filename
+
+
+def write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_original_keys_load(tmp_path):
+    cfg = config.load(write(tmp_path, "epochs_prompt: 5\nepochs_image: 7\nlr: 1.0e-4\nn_ctx: 8\n"
+                                      "model_type: ViT-B/32\nstage_mode: prompt_only\nloss_list: [supcon, tri]\n"
+                                      "center_loss_weight: 0.001\ncenter_lr: 0.5\nfreeze_prompt: true\n"))
+    assert cfg.epochs_prompt == 5 and cfg.lr == 1e-4 and cfg.n_ctx == 8
+    assert cfg.losses == ("triplet", "i2t", "t2i")
+    assert cfg.batch_size == 32 and cfg.triplet_margin == 0.3  # defaults filled
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean epochs_image"):
+        config.load(write(tmp_path, "epochs_imag: 3\n"))
+    with pytest.raises(ConfigError, match="did you mean n_ctx"):
+        config.load(None, ["n_ctxx=3"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lr=-1e-4", "lr"), ("n_ctx=80", "n_ctx"), ("stage_mode=both", "stage_mode"),
+    ("prompt_template=hand of a person", "prompt_template"), ("lr=fast", "lr"), ("n_ctx=2.5", "n_ctx"),
+    ("batch_size=30", "batch_size"), ("image_size=[256]", "image_size"), ("loss_list=[id, foo]", "loss_list"),
+    ("tune.metric=3", "tune.metric"), ("device=tpu", "device"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [override])
+    assert str(err.value).startswith(key)
+
+
+def test_overrides_are_yaml_scalars_and_keep_types():
+    cfg = config.load(None, ["lr=1e-3", "epochs_image=3", "freeze_prompt=false", "pretrained=null",
+                             "image_size=[128, 64]", "tune.metric=best_rank1"])
+    assert cfg.lr == 1e-3 and cfg.epochs_image == 3 and cfg.freeze_prompt is False
+    assert cfg.pretrained is None and cfg.image_size == [128, 64] and cfg.tune.metric == "best_rank1"
+    assert config.load(None, ["lr=1"]).lr == 1.0  # an int where a float is expected is fine
+    with pytest.raises(ConfigError):
+        config.load(None, ["nokeyvalue"])
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.lr = 1.0  # type: ignore[misc]
+    assert config.replace(cfg, lr=0.1).lr == 0.1
+    with pytest.raises(ConfigError):
+        config.replace(cfg, n_ctx=0)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load(write(tmp_path, "- a\n- b\n"))
+
+
+def test_build_filename_carries_every_part():
+    cfg = config.load(None, ["experiment=exp1", "model_type=ViT-B/16", "dataset=11k", "aspect=dorsal right",
+                             "variant=v2", "lr=5e-5", "batch_size=32", "n_ctx=12"])
+    name = build_filename(cfg, 40, "image", "pth", tag="BEST")
+    assert name == "exp1_ViTB16_11k_dorsalright_v2_e40_lr5e-05_bs32_nctx12_image_BEST.pth"
+    assert build_filename(cfg, 40, "image") == name[:-len("_BEST.pth")]
+    assert build_filename(cfg, 40, "image", "log", timestamped=True).endswith(".log")
+    image_only = config.replace(cfg, stage_mode="image_only", epochs_prompt=0)
+    assert "nctx" not in build_filename(image_only, 40, "image")
+
+
+def test_hash_is_stable_and_sensitive():
+    assert Config().hash() == Config().hash()
+    assert Config().hash() != config.replace(Config(), lr=0.01).hash()
+    flat = config.flatten(Config().to_dict())
+    assert flat["tune.metric"] == "best_mAP" and "lr" in flat

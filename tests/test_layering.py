@@ -1,0 +1,51 @@
+"""The import rules of STYLE.md: imports point down the module table, mlflow and optuna stay put."""
+import ast
+from pathlib import Path
+
+ORDER = ["config", "data", "model", "losses", "evaluation", "checkpoint", "tracking", "stages", "runner",
+         "tuning", "cli"]
+ALLOWED = {
+    "config": set(),
+    "data": {"config"},
+    "model": {"config"},
+    "losses": set(),
+    "evaluation": {"config", "model"},
+    "checkpoint": set(),
+    "tracking": {"config"},
+    "stages": {"config", "data", "model", "losses", "evaluation", "checkpoint", "tracking"},
+    "runner": {"config", "data", "model", "losses", "evaluation", "checkpoint", "tracking", "stages"},
+    "tuning": {"config", "runner", "tracking"},
+    "cli": set(ORDER) - {"cli"},
+}
+PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
+
+
+def imports_of(path: Path) -> tuple[set[str], set[str]]:
+    ours, external = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                if node.module:
+                    ours.add(node.module.split(".")[0])
+                else:
+                    ours.update(alias.name for alias in node.names)
+            elif node.module:
+                external.add(node.module.split(".")[0])
+                if node.module.startswith("workbench."):
+                    ours.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                external.add(alias.name.split(".")[0])
+    return ours, external
+
+
+def test_imports_point_down():
+    modules = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert set(modules) <= set(ORDER), set(modules) - set(ORDER)
+    for name, path in modules.items():
+        ours, external = imports_of(path)
+        assert ours <= ALLOWED[name], f"{name} imports {ours - ALLOWED[name]}"
+        if name != "tracking":
+            assert "mlflow" not in external, f"{name} imports mlflow"
+        if name != "tuning":
+            assert "optuna" not in external, f"{name} imports optuna"

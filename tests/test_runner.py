@@ -1,0 +1,111 @@
+"""End to end: the reduced quickstart against a real SQLite MLflow store, checked through MlflowClient."""
+import math
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from workbench import config
+from workbench.cli import main
+from workbench.runner import train_joint
+from workbench.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MlflowTracker, RecordingTracker
+
+PER_STEP = ["loss", "id_loss", "tri_loss", "center_loss", "i2t_loss", "t2i_loss", "feat_norm", "arc_conf", "lr",
+            "prompt_loss", "prompt_norm", "prompt_var", "prompt_grad", "logits_std"]
+PER_EPOCH = ["rank1", "rank5", "rank10", "mAP", "prompt_rank1", "prompt_mAP"]
+AT_END = ["best_rank1", "best_mAP", "best_epoch", "prompt_stage_seconds", "image_stage_seconds"]
+
+
+def artifact_names(client, run_id, path=None):
+    names = []
+    for item in client.list_artifacts(run_id, path):
+        names += artifact_names(client, run_id, item.path) if item.is_dir else [item.path]
+    return names
+
+
+def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train_joint(tiny_config, MlflowTracker(uri))
+    client = MlflowClient(uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == config.build_filename(tiny_config, tiny_config.epochs_image, "image")
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "quickstart" and experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    for key in PER_STEP + PER_EPOCH:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert len({m.step for m in history}) > 1, key
+        assert all(math.isfinite(m.value) for m in history), key
+    for key in AT_END:
+        assert key in run.data.metrics, key
+    assert run.data.metrics["best_rank1"] == pytest.approx(result["best_rank1"])
+    assert run.data.params["lr"] == "0.002" and run.data.params["n_ctx"] == "4"
+    assert run.data.params["tune.metric"] == "best_mAP" and "loss_list" in run.data.params
+    for tag in ("stage_mode", "model", "dataset", "aspect", "git_commit", "config_hash"):
+        assert tag in run.data.tags, tag
+    assert run.data.tags["config_hash"] == tiny_config.hash()
+    stem = run.info.run_name
+    names = set(artifact_names(client, run.info.run_id))
+    expected = {f"{stem}.log", f"{stem}_config.yaml", f"plots/{stem}_losses.png", f"plots/{stem}_metrics.png",
+                f"plots/{stem}_prompt.png", f"checkpoints/{stem}_BEST.pth", f"checkpoints/{stem}_FINAL.pth",
+                f"checkpoints/{stem}_BEST_prompt.pth", f"checkpoints/{stem}_FINAL_prompt.pth",
+                "checkpoints/" + config.build_filename(tiny_config, 2, "prompt", "pth", tag="FINAL")}
+    assert expected <= names, expected - names
+    run_dir = Path(result["run_dir"])
+    assert not list(run_dir.glob("*.tmp"))  # atomic writes leave no partial files
+
+
+@pytest.mark.parametrize("mode, extra", [("prompt_only", []), ("image_only", ["epochs_prompt=0"])])
+def test_stage_modes(tiny_config, mode, extra):
+    cfg = config.replace(tiny_config, stage_mode=mode, save_checkpoints=False,
+                         **{k: int(v) for k, v in (e.split("=") for e in extra)})
+    tracker = RecordingTracker()
+    result = train_joint(cfg, tracker)
+    keys = set(tracker.history)
+    if mode == "prompt_only":
+        assert "prompt_loss" in keys and "id_loss" not in keys and result["image_stage_seconds"] is None
+    else:
+        assert "prompt_loss" not in keys and "id_loss" in keys and result["prompt_stage_seconds"] is None
+        assert tracker.history["i2t_loss"][0][1] == 0.0  # no trained prompt: no text losses
+    assert tracker.status == "FINISHED"
+
+
+def test_cli_run_prints_metrics_and_run_id(tiny_config, tmp_path, capsys):
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(tiny_config.to_yaml())
+    uri = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert main(["run", str(cfg_path), "--set", "epochs_image=1", "--set", "save_checkpoints=false",
+                 "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "best rank1" in out and "MLflow run" in out
+    run_id = out.split("MLflow run ")[1].split()[0]
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_user_errors_are_one_line_and_runs_end_failed(tiny_config, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'err.db'}"
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(tiny_config.to_yaml())
+    assert main(["run", str(cfg_path), "--set", "epochs_imag=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "did you mean epochs_image" in err
+    assert main(["run", str(cfg_path), "--set", "data_root=/nonexistent", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("workbench: error: dataset folder not found")
+    assert "Traceback" not in err
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("quickstart").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_corrupt_image_is_one_line_error(synth_root, tiny_config, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    victim = sorted((root / "train").rglob("*.png"))[0]
+    victim.write_bytes(b"broken")
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(config.replace(tiny_config, data_root=str(root)).to_yaml())
+    assert main(["run", str(cfg_path), "--tracking-uri", f"sqlite:///{tmp_path / 'c.db'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("workbench: error: cannot read image") and victim.name in err
