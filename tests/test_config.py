@@ -80,3 +80,11 @@ def test_hash_is_stable_and_sensitive():
     assert Config().hash() != config.replace(Config(), lr=0.01).hash()
     flat = config.flatten(Config().to_dict())
     assert flat["tune.metric"] == "best_mAP" and "lr" in flat
+
+
+def test_readme_documents_every_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f for f in Config().to_dict() if f"`{f}`" not in readme]
+    assert not missing, f"README config reference lacks {missing}"
