@@ -293,7 +293,11 @@ class ArcFace(nn.Module):
         self.mm = math.sin(math.pi - margin) * margin
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        cosine = F.linear(F.normalize(feats.float()), F.normalize(self.weight.float()))
+        with torch.autocast(feats.device.type, enabled=False):  # the margin needs fp32 cosines
+            return self._logits(feats.float(), labels)
+
+    def _logits(self, feats: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        cosine = F.linear(F.normalize(feats), F.normalize(self.weight.float()))
         if labels is None:
             return cosine * self.scale
         sine = torch.sqrt((1.0 - cosine.pow(2)).clamp(0, 1))
