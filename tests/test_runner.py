@@ -23,7 +23,7 @@ def artifact_names(client, run_id, path=None):
     return names
 
 
-def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path):
+def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = train_joint(tiny_config, MlflowTracker(uri))
     client = MlflowClient(uri)
@@ -53,6 +53,13 @@ def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path):
     assert expected <= names, expected - names
     run_dir = Path(result["run_dir"])
     assert not list(run_dir.glob("*.tmp"))  # atomic writes leave no partial files
+
+    # the BEST checkpoint evaluates to the numbers it was saved with
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(tiny_config.to_yaml())
+    assert main(["eval", str(cfg_path), "--checkpoint", str(run_dir / f"{stem}_BEST.pth")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.startswith(f"rank1 {result['best_rank1']:.2f}") and f"mAP {result['best_mAP']:.2f}" in out
 
 
 @pytest.mark.parametrize("mode, extra", [("prompt_only", []), ("image_only", ["epochs_prompt=0"])])

@@ -178,6 +178,7 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
     step = start_step
     epoch_loss = torch.zeros((), device=device)
     retrieval: dict = {}
+    last: dict = {}
     bar = tqdm(range(settings.epochs), desc="prompt stage", unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
@@ -205,8 +206,8 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
             epoch_loss += loss.detach()
             step += 1
             if (step - start_step) % settings.log_every == 0:
-                buffer.flush()
-        last = buffer.flush()
+                last = buffer.flush() or last
+        last = buffer.flush() or last
         scheduler.step()
         retrieval = validate_stage1_prompts(clip_model, prompt_learner, image_feats, labels)
         tracker.log_metrics({"prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"],
