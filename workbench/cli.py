@@ -55,27 +55,23 @@ def cmd_eval(args) -> int:
 
     from . import config
     from .checkpoint import load_checkpoint
-    from .data import build_loaders, load_reid_dataset
+    from .data import load_reid_dataset
     from .evaluation import validate
-    from .model import load_clip_with_patch, register_bnneck_and_arcface
-    from .runner import ensure_dataset, seed_everything, select_device
+    from .runner import build_model_and_loaders, ensure_dataset, seed_everything, select_device
 
     cfg = config.load(args.config, args.set)
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     ensure_dataset(cfg, print)
     data = load_reid_dataset(cfg.data_root)
-    loaders = build_loaders(data, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                            num_instances=cfg.num_instances, test_batch_size=cfg.test_batch_size,
-                            num_workers=cfg.num_workers, seed=cfg.seed)
-    model = load_clip_with_patch(cfg.model_type, device, pretrained=cfg.pretrained, image_size=cfg.image_size)
-    register_bnneck_and_arcface(model, data.num_classes, cfg.image_size, cfg.arcface_scale, cfg.arcface_margin)
+    loaders, model, _, _ = build_model_and_loaders(cfg, data, device)
     if args.checkpoint:
         load_checkpoint(args.checkpoint, model=model, device=device, restore_rng=False, log=print)
     cams = ([r.camid for r in data.query], [r.camid for r in data.gallery]) if data.has_cameras else (None, None)
     with torch.no_grad():
         result = validate(model, loaders.query, loaders.gallery, device, [r.pid for r in data.query],
-                          [r.pid for r in data.gallery], *cams, neck=cfg.eval_neck_feat, max_rank=cfg.max_rank)
+                          [r.pid for r in data.gallery], *cams, neck=cfg.eval_neck_feat, max_rank=cfg.max_rank,
+                          amp=cfg.amp)
     print("rank1 {rank1:.2f}  rank5 {rank5:.2f}  rank10 {rank10:.2f}  mAP {mAP:.2f}  mINP {mINP:.2f}".format(**result))
     return 0
 

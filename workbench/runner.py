@@ -140,6 +140,22 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
     return result
 
 
+def build_model_and_loaders(cfg: Config, data, device: torch.device):
+    """Loaders, CLIP with BNNeck and ArcFace, and the prompt learner for ``cfg`` and ``data``:
+    (loaders, clip_model, prompt_learner, feat_dim). Shared by runs and ``workbench eval``."""
+    loaders = build_loaders(data, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                            num_instances=cfg.num_instances, test_batch_size=cfg.test_batch_size,
+                            num_workers=cfg.num_workers, seed=cfg.seed, flip_prob=cfg.flip_prob, pad=cfg.pad,
+                            random_erasing=cfg.random_erasing, pin_memory=device.type == "cuda")
+    clip_model = load_clip_with_patch(cfg.model_type, device, freeze_all=True, pretrained=cfg.pretrained,
+                                      image_size=cfg.image_size)
+    prompt_learner = PromptLearner(data.classnames, clip_model, cfg.n_ctx, cfg.prompt_template, cfg.aspect,
+                                   model_name=resolve_model_name(cfg.model_type))
+    feat_dim = register_bnneck_and_arcface(clip_model, data.num_classes, cfg.image_size, cfg.arcface_scale,
+                                           cfg.arcface_margin)
+    return loaders, clip_model, prompt_learner, feat_dim
+
+
 def _feature_key(cfg: Config) -> tuple:
     """What the frozen training features depend on (and nothing a tuning trial samples)."""
     return (resolve_model_name(cfg.model_type), cfg.pretrained, str(Path(cfg.data_root).resolve()),
@@ -162,17 +178,7 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     tracker.log_metrics({"num_classes": data.num_classes, "num_train": len(data.train),
                          "num_query": len(data.query), "num_gallery": len(data.gallery),
                          "num_unmatched_query_ids": len(unmatched)}, step=0)
-    loaders = build_loaders(data, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                            num_instances=cfg.num_instances, test_batch_size=cfg.test_batch_size,
-                            num_workers=cfg.num_workers, seed=cfg.seed, flip_prob=cfg.flip_prob, pad=cfg.pad,
-                            random_erasing=cfg.random_erasing, pin_memory=device.type == "cuda")
-
-    clip_model = load_clip_with_patch(cfg.model_type, device, freeze_all=True, pretrained=cfg.pretrained,
-                                      image_size=cfg.image_size)
-    prompt_learner = PromptLearner(data.classnames, clip_model, cfg.n_ctx, cfg.prompt_template, cfg.aspect,
-                                   model_name=resolve_model_name(cfg.model_type))
-    feat_dim = register_bnneck_and_arcface(clip_model, data.num_classes, cfg.image_size, cfg.arcface_scale,
-                                           cfg.arcface_margin)
+    loaders, clip_model, prompt_learner, feat_dim = build_model_and_loaders(cfg, data, device)
     log(f"model: {cfg.model_type} (pretrained={cfg.pretrained}) at {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_learner.prompt_text}', device {device}")
     metadata = {"architecture": cfg.model_type, "feat_dim": feat_dim, "num_classes": data.num_classes,
