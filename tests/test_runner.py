@@ -116,3 +116,35 @@ def test_corrupt_image_is_one_line_error(synth_root, tiny_config, tmp_path, caps
     assert main(["run", str(cfg_path), "--tracking-uri", f"sqlite:///{tmp_path / 'c.db'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("workbench: error: cannot read image") and victim.name in err
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(tiny_config, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'resume.db'}"
+    cfg = config.replace(tiny_config, epochs_image=3)
+    reference = train_joint(cfg, MlflowTracker(uri))
+
+    def interrupt(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(cfg, MlflowTracker(uri), report=interrupt)
+    (run_dir,) = [d for d in Path(cfg.output_dir).iterdir() if str(d) != reference["run_dir"]]
+    client = MlflowClient(uri)
+    killed = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],
+                                "attributes.status = 'KILLED'")
+    assert len(killed) == 1
+    assert [m.step for m in client.get_metric_history(killed[0].info.run_id, "rank1")] == [1, 2]
+
+    assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert killed[0].info.run_id in out
+    run = client.get_run(killed[0].info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "rank1")] == [1, 2, 3]
+    for key in ("best_rank1", "best_mAP", "best_epoch"):
+        assert run.data.metrics[key] == pytest.approx(reference[key], abs=1e-9), key
+    final = client.get_metric_history(run.info.run_id, "mAP")[-1].value
+    assert final == pytest.approx(reference["final_mAP"], abs=1e-9)
+    assert not list(run_dir.glob("*LAST*"))  # only needed while the run was unfinished
+    assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 2  # finished: nothing to resume

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 
@@ -38,7 +39,10 @@ def cmd_run(args) -> int:
 
     cfg = config.load(args.config, args.set)
     tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
-    result = train_joint(cfg, tracker)
+    return _report(train_joint(cfg, tracker), tracker)
+
+
+def _report(result: dict, tracker) -> int:
     print(f"best rank1 {result['best_rank1']:.2f}  best mAP {result['best_mAP']:.2f}  "
           f"(epoch {result['best_epoch']})")
     if result.get("final_rank1") is not None:
@@ -47,6 +51,21 @@ def cmd_run(args) -> int:
     print(f"wall time {result['total_seconds']:.1f}s  files in {result['run_dir']}")
     print(f"MLflow run {result['run_id']} at {tracker.tracking_uri}")
     return 0
+
+
+def cmd_resume(args) -> int:
+    """Continue an interrupted run from its folder (config, LAST checkpoint, MLflow run)."""
+    from . import config
+    from .runner import train_joint
+    from .tracking import MlflowTracker, resolve_tracking_uri
+
+    run_dir = Path(args.run_dir)
+    configs = sorted(run_dir.glob("*_config.yaml"))
+    if len(configs) != 1:
+        raise config.ConfigError(f"{run_dir}: expected one *_config.yaml of a workbench run, found {len(configs)}")
+    cfg = config.load(configs[0])
+    tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
+    return _report(train_joint(cfg, tracker, resume_dir=run_dir), tracker)
 
 
 def cmd_eval(args) -> int:
@@ -98,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, MLFLOW_TRACKING_URI, "
                                             "sqlite:///mlflow.db)")
     run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted run from its folder",
+                            description="Load the run folder's config and LAST checkpoint and go on training; "
+                                        "the numbers go to the same MLflow run.")
+    resume.add_argument("run_dir", help="the run's folder under output_dir (printed by workbench run)")
+    resume.add_argument("--tracking-uri", help="MLflow tracking URI of the original run")
+    resume.set_defaults(func=cmd_resume)
 
     ev = sub.add_parser("eval", help="rank-k and mAP of a checkpoint (or of the untrained model)",
                         description="Evaluate on the config's query/gallery; without --checkpoint, the model as "

@@ -2,6 +2,7 @@
 the final metrics. ``workbench run`` and every tuning trial call this one function."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ import torch
 from . import config as config_module
 from .config import Config, build_filename
 from .data import DataError, build_loaders, load_reid_dataset, synthesize_dataset
+from .checkpoint import load_checkpoint
 from .model import PromptLearner, load_clip_with_patch, register_bnneck_and_arcface, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
                      train_clipreid_prompt_stage)
@@ -86,20 +88,36 @@ def run_tags(cfg: Config) -> dict[str, str]:
 
 def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 report: Callable[[int, dict], None] | None = None, *, run_name: str | None = None,
-                nested: bool = False, feature_cache: dict | None = None, keep_checkpoints: bool = True) -> dict:
+                nested: bool = False, feature_cache: dict | None = None, keep_checkpoints: bool = True,
+                resume_dir: str | Path | None = None) -> dict:
     """One complete run: prompt stage and/or image stage as ``cfg.stage_mode`` says.
 
     ``cfg`` is a Config or a YAML path. The tracker (default: none) gets one run named by
     ``build_filename``'s stem. ``report(epoch, metrics)`` is called after every validation.
     ``feature_cache`` (a dict shared between runs) reuses the frozen training features of the
     prompt stage when model, weights, data and transforms are the same. Returns the final
-    metrics: best_rank1, best_mAP, best_epoch, final rank-k, wall times, run_id and run_dir."""
+    metrics: best_rank1, best_mAP, best_epoch, final rank-k, wall times, run_id and run_dir.
+
+    ``resume_dir`` (the folder of an earlier, interrupted run of the same config) continues it:
+    a finished prompt stage is loaded, not retrained, the image stage goes on after its last
+    finished epoch, and the same MLflow run receives the numbers."""
     cfg = config_module.load(cfg) if isinstance(cfg, (str, Path)) else cfg
     tracker = tracker or NullTracker()
     stem = build_filename(cfg, cfg.epochs_image if cfg.trains_image else cfg.epochs_prompt,
                           "image" if cfg.trains_image else "prompt")
-    run_dir = Path(cfg.output_dir) / f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        if not (run_dir / f"{stem}_config.yaml").is_file():
+            raise DataError(f"cannot resume: {run_dir} holds no {stem}_config.yaml (not a run folder of this config)")
+    else:
+        base = Path(cfg.output_dir) / f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
+        run_dir, n = base, 1
+        while run_dir.exists():  # two runs of one config within a second
+            n += 1
+            run_dir = base.with_name(f"{base.name}_{n}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_file = run_dir / f"{stem}_run.json"
+    previous_run_id = json.loads(run_file.read_text())["run_id"] if resume_dir and run_file.exists() else None
     log_path = run_dir / f"{stem}.log"
     logger = setup_logger(log_path)
     log = logger.info
@@ -107,11 +125,15 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
     config_path.write_text(cfg.to_yaml())
     written: list[Path] = []
 
-    with tracker.start_run(run_name or stem, cfg.experiment, tags=run_tags(cfg), nested=nested) as run_id:
+    with tracker.start_run(run_name or stem, cfg.experiment, tags=run_tags(cfg), nested=nested,
+                           run_id=previous_run_id) as run_id:
         try:
-            tracker.log_params(run_params(cfg))
-            tracker.log_artifact(config_path)
-            result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache)
+            run_file.write_text(json.dumps({"run_id": run_id}))
+            if previous_run_id is None:
+                tracker.log_params(run_params(cfg))
+                tracker.log_artifact(config_path)
+            result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache,
+                                 resume=resume_dir is not None)
             result.update(run_id=run_id, run_dir=str(run_dir))
             tracker.log_metrics({k: result[k] for k in ("best_rank1", "best_mAP", "best_epoch",
                                                         "prompt_stage_seconds", "image_stage_seconds",
@@ -163,7 +185,7 @@ def _feature_key(cfg: Config) -> tuple:
 
 
 def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem: str, written: list[Path],
-                feature_cache: dict | None) -> dict:
+                feature_cache: dict | None, resume: bool = False) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
@@ -188,7 +210,19 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     result: dict = {"best_rank1": None, "best_mAP": None, "best_epoch": None,
                     "prompt_stage_seconds": None, "image_stage_seconds": None}
     step = 0
-    if cfg.trains_prompt:
+    prompt_path = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")
+    last_path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
+    resume_image = resume and cfg.trains_image and last_path.is_file()
+    final_path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
+    if resume and not resume_image and final_path.is_file():
+        raise DataError(f"cannot resume: the run in {run_dir} already finished ({final_path.name} exists)")
+    if cfg.trains_prompt and resume and (prompt_path.is_file() or resume_image):
+        if not resume_image:
+            state = load_checkpoint(prompt_path, model=prompt_learner, device=device, restore_rng=False, log=log)
+            step = state["metadata"]["progress"]["global_step"]
+        log("resuming: the prompt stage finished before; not retraining it")
+        written.append(prompt_path)
+    elif cfg.trains_prompt:
         cached = None
         if feature_cache is not None:
             key = _feature_key(cfg)
@@ -197,8 +231,7 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
                 log("reusing cached frozen training features")
             else:
                 cached = feature_cache[key] = cache_image_features(clip_model, loaders.train_eval, device, cfg.amp)
-        path = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL") \
-            if cfg.save_checkpoints else None
+        path = prompt_path if cfg.save_checkpoints else None
         prompt = train_clipreid_prompt_stage(clip_model, prompt_learner, loaders.train_eval,
                                              PromptStageSettings.from_config(cfg), device, tracker, log,
                                              cached_features=cached, checkpoint_path=path, metadata=metadata)
@@ -213,14 +246,17 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     if cfg.trains_image:
         def checkpoint_path(tag: str) -> Path:
             path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag=tag)
-            if path not in written:
+            if path not in written and tag != "LAST":
                 written.extend([path, path.with_name(path.stem + "_prompt.pth")])
             return path
 
         image = train_clipreid_image_stage(
             clip_model, prompt_learner if cfg.stage_mode == "prompt_then_image" or not cfg.freeze_prompt else None,
             loaders, ImageStageSettings.from_config(cfg), device, tracker, log, report,
-            checkpoint_path if cfg.save_checkpoints else None, metadata, start_step=step)
+            checkpoint_path if cfg.save_checkpoints else None, metadata, start_step=step,
+            resume_from=last_path if resume_image else None)
+        for path in (last_path, last_path.with_name(last_path.stem + "_prompt.pth")):
+            path.unlink(missing_ok=True)  # FINAL holds the same state; LAST only serves resuming
         result.update({k: v for k, v in image.items() if k not in ("steps", "seconds")})
         result["image_stage_seconds"] = image["seconds"]
     result["total_seconds"] = time.perf_counter() - started

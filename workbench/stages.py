@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .evaluation import extract_features, validate, validate_stage1_prompts
 from .losses import CenterLoss, build_loss, id_loss, prompt_l2, supcon_loss, triplet_loss
@@ -219,7 +219,8 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
         f"{retrieval.get('rank1', float('nan')):.2f} mAP {retrieval.get('mAP', float('nan')):.2f}")
     if checkpoint_path is not None:
         save_checkpoint(checkpoint_path, model=prompt_learner, optimizer=optimizer, scheduler=scheduler,
-                        metadata=metadata, epoch=settings.epochs, train_loss=final_loss,
+                        metadata={**(metadata or {}), "progress": {"global_step": step}},
+                        epoch=settings.epochs, train_loss=final_loss,
                         val_metrics={"prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"]},
                         tag="FINAL", log=log)
     return {"prompt_loss": final_loss, "prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"],
@@ -231,12 +232,15 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                                settings: ImageStageSettings, device: torch.device, tracker: Tracker,
                                log: Log = print, report: Report | None = None,
                                checkpoint_path: Callable[[str], Path] | None = None,
-                               metadata: dict | None = None, start_step: int = 0) -> dict:
+                               metadata: dict | None = None, start_step: int = 0,
+                               resume_from: Path | None = None) -> dict:
     """Fine-tune the image encoder (+ BNNeck, ArcFace; the text encoder when asked) and validate
     each epoch. ``loaders`` is ``data.Loaders``; ``prompt_learner`` may be None when no loss
     needs text. ``checkpoint_path(tag)`` names the ``BEST`` / ``FINAL`` files;
-    ``report(epoch, metrics)`` gets every validation (pruning hooks in here). Returns the best
-    and final metrics, ``best_epoch``, ``steps`` and ``seconds``."""
+    ``report(epoch, metrics)`` gets every validation (pruning hooks in here). A ``LAST``
+    checkpoint is written after every epoch; ``resume_from`` (such a file) restores the whole
+    training state and goes on from the epoch after it. Returns the best and final metrics,
+    ``best_epoch``, ``steps`` and ``seconds``."""
     started = time.perf_counter()
     losses = build_loss(settings.loss_list)
     use_text = losses.needs_text and prompt_learner is not None
@@ -261,6 +265,18 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min)
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
+    best = {"rank1": -1.0, "mAP": 0.0, "rank5": 0.0, "rank10": 0.0}
+    best_epoch, step, metrics, first_epoch, train_loss = 0, start_step, {}, 0, float("nan")
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
+                                scheduler=scheduler, prompt_learner=prompt_learner,
+                                extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
+                                log=log)
+        progress = state["metadata"]["progress"]
+        first_epoch, step, best_epoch = state["epoch"], progress["global_step"], progress["best_epoch"]
+        best, metrics, train_loss = dict(progress["best"]), dict(state["val_metrics"]), state["train_loss"]
+        start_step = step - progress["stage_steps"]
+        log(f"resuming the image stage after epoch {first_epoch} (global step {step})")
     scale = _logit_scale(clip_model, settings.logit_scale)
 
     cached_text = None
@@ -276,9 +292,16 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     g_cams = [r.camid for r in data.gallery] if data.has_cameras else None
     buffer = StepMetrics(tracker, "image")
     zero = torch.zeros((), device=device)
-    best = {"rank1": -1.0, "mAP": 0.0, "rank5": 0.0, "rank10": 0.0}
-    best_epoch, step, metrics = 0, start_step, {}
-    for epoch in range(settings.epochs):
+    def save(tag: str, epoch: int) -> None:
+        progress = {"global_step": step, "stage_steps": step - start_step, "best": best, "best_epoch": best_epoch}
+        save_checkpoint(checkpoint_path(tag), model=clip_model, optimizer=optimizer, scheduler=scheduler,
+                        classifier=clip_model.arcface, prompt_learner=prompt_learner,
+                        extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
+                        metadata={**(metadata or {}), "progress": progress}, epoch=epoch, train_loss=train_loss,
+                        val_metrics={k: v for k, v in metrics.items() if k != "num_valid_q"}, tag=tag,
+                        log=log if tag != "LAST" else None)
+
+    for epoch in range(first_epoch, settings.epochs):
         loaders.sampler.set_epoch(epoch)
         clip_model.train()
         if prompt_learner is not None:
@@ -337,25 +360,16 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
             f"{metrics['rank1']:.2f} rank5 {metrics['rank5']:.2f} rank10 {metrics['rank10']:.2f} "
             f"mAP {metrics['mAP']:.2f}" + ("  (best)" if improved else ""))
         if improved:
-            best, best_epoch = dict(metrics), epoch + 1
+            best, best_epoch = {k: float(v) for k, v in metrics.items()}, epoch + 1
             if checkpoint_path is not None:
-                _save_image_state(checkpoint_path("BEST"), clip_model, prompt_learner, optimizer, scheduler,
-                                  center, optimizer_center, metadata, epoch + 1, train_loss, metrics, "BEST", log)
+                save("BEST", epoch + 1)
+        if checkpoint_path is not None:
+            save("LAST", epoch + 1)  # what a resumed run starts from
         if report is not None:
             report(epoch + 1, metrics)
     if checkpoint_path is not None:
-        _save_image_state(checkpoint_path("FINAL"), clip_model, prompt_learner, optimizer, scheduler,
-                          center, optimizer_center, metadata, settings.epochs, train_loss, metrics, "FINAL", log)
+        save("FINAL", settings.epochs)
     return {"best_rank1": best["rank1"], "best_mAP": best["mAP"], "best_rank5": best["rank5"],
             "best_rank10": best["rank10"], "best_epoch": best_epoch,
             **{f"final_{k}": metrics[k] for k in ("rank1", "rank5", "rank10", "mAP")},
             "steps": step - start_step, "seconds": time.perf_counter() - started}
-
-
-def _save_image_state(path, clip_model, prompt_learner, optimizer, scheduler, center, optimizer_center,
-                      metadata, epoch, train_loss, metrics, tag, log) -> None:
-    save_checkpoint(path, model=clip_model, optimizer=optimizer, scheduler=scheduler,
-                    classifier=clip_model.arcface, prompt_learner=prompt_learner,
-                    extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
-                    metadata=metadata, epoch=epoch, train_loss=train_loss,
-                    val_metrics={k: v for k, v in metrics.items() if k != "num_valid_q"}, tag=tag, log=log)

@@ -30,8 +30,8 @@ def resolve_tracking_uri(cli_uri: str | None, cfg: Config | None) -> str:
 class Tracker(Protocol):
     history: dict[str, list[tuple[int, float]]]
 
-    def start_run(self, name: str, experiment: str, tags: dict | None = None,
-                  nested: bool = False) -> contextlib.AbstractContextManager[str]: ...
+    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False,
+                  run_id: str | None = None) -> contextlib.AbstractContextManager[str]: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -48,9 +48,10 @@ class NullTracker:
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
     @contextlib.contextmanager
-    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False) -> Iterator[str]:
-        self.run_id = name
-        yield name
+    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False,
+                  run_id: str | None = None) -> Iterator[str]:
+        self.run_id = run_id or name
+        yield self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -81,12 +82,13 @@ class RecordingTracker(NullTracker):
         self.status: str | None = None
 
     @contextlib.contextmanager
-    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False) -> Iterator[str]:
+    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False,
+                  run_id: str | None = None) -> Iterator[str]:
         self.calls.append(("start_run", (name, experiment)))
         self.tags.update(tags or {})
-        self.run_id = name
+        self.run_id = run_id or name
         try:
-            yield name
+            yield self.run_id
             self.status = "FINISHED"
         except KeyboardInterrupt:
             self.status = "KILLED"
@@ -147,12 +149,16 @@ class MlflowTracker(NullTracker):
         return experiment.experiment_id
 
     @contextlib.contextmanager
-    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False) -> Iterator[str]:
+    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False,
+                  run_id: str | None = None) -> Iterator[str]:
+        """A new run, or with ``run_id`` the same run again (a resumed training run)."""
         tags = {k: str(v) for k, v in (tags or {}).items()}
         if nested and self._run_stack:
             tags["mlflow.parentRunId"] = self._run_stack[-1]
-        run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags)
-        run_id = run.info.run_id
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
         self._run_stack.append(run_id)
         status = "FAILED"
         try:
