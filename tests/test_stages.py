@@ -57,7 +57,7 @@ def test_one_step_of_each_stage(name, size, two_ids, tmp_path):
     assert all(math.isfinite(v) for _, v in tracker.history["loss"] + tracker.history["prompt_loss"])
     assert [e for e, _ in reports] == [1] and 0 <= reports[0][1]["rank1"] <= 100
     assert {f.name for f in tmp_path.iterdir()} == {"p_FINAL.pth", "i_BEST.pth", "i_BEST_prompt.pth",
-                                                   "i_FINAL.pth", "i_FINAL_prompt.pth"}
+                                                   "i_FINAL.pth", "i_FINAL_prompt.pth", "i_LAST.pth"}
 
 
 def test_non_finite_loss_is_an_error():

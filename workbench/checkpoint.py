@@ -74,9 +74,11 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, sched
                     classifier: nn.Module | None = None, prompt_learner: nn.Module | None = None,
                     extra_modules: dict[str, nn.Module] | None = None, extra_optimizers: dict | None = None,
                     metadata: dict | None = None, epoch: int = 0, train_loss: float | None = None,
-                    val_metrics: dict | None = None, tag: str = "", log: Callable[[str], None] | None = None) -> list[Path]:
-    """Write the training state to ``path`` (and, when ``prompt_learner`` is given, its state dict
-    to ``<stem>_prompt.pth`` beside it). Returns the written paths."""
+                    val_metrics: dict | None = None, tag: str = "", log: Callable[[str], None] | None = None,
+                    prompt_file: bool = True) -> list[Path]:
+    """Write the training state to ``path`` (and, when ``prompt_learner`` is given and
+    ``prompt_file`` is on, its state dict to ``<stem>_prompt.pth`` beside it). Returns the
+    written paths."""
     path = Path(path)
     state = {
         "model_state_dict": model.state_dict(),
@@ -95,7 +97,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, sched
         "tag": tag,
     }
     written = [atomic_torch_save(state, path)]
-    if prompt_learner is not None:
+    if prompt_learner is not None and prompt_file:
         prompt_path = path.with_name(path.stem + "_prompt.pth")
         written.append(atomic_torch_save({"prompt_learner_state_dict": prompt_learner.state_dict(),
                                           "metadata": metadata or {}}, prompt_path))

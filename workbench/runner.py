@@ -255,8 +255,7 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
             loaders, ImageStageSettings.from_config(cfg), device, tracker, log, report,
             checkpoint_path if cfg.save_checkpoints else None, metadata, start_step=step,
             resume_from=last_path if resume_image else None)
-        for path in (last_path, last_path.with_name(last_path.stem + "_prompt.pth")):
-            path.unlink(missing_ok=True)  # FINAL holds the same state; LAST only serves resuming
+        last_path.unlink(missing_ok=True)  # FINAL holds the same state; LAST only serves resuming
         result.update({k: v for k, v in image.items() if k not in ("steps", "seconds")})
         result["image_stage_seconds"] = image["seconds"]
     result["total_seconds"] = time.perf_counter() - started

@@ -299,7 +299,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                         extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
                         metadata={**(metadata or {}), "progress": progress}, epoch=epoch, train_loss=train_loss,
                         val_metrics={k: v for k, v in metrics.items() if k != "num_valid_q"}, tag=tag,
-                        log=log if tag != "LAST" else None)
+                        log=log if tag != "LAST" else None, prompt_file=tag != "LAST")
 
     for epoch in range(first_epoch, settings.epochs):
         loaders.sampler.set_epoch(epoch)
