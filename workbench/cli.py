@@ -68,6 +68,95 @@ def cmd_resume(args) -> int:
     return _report(train_joint(cfg, tracker, resume_dir=run_dir), tracker)
 
 
+def _study_name(config_path: str, overrides: list[str]) -> str:
+    """Stable default: the config file's name, plus a hash of the --set values when there are any."""
+    import hashlib
+
+    name = Path(config_path).stem
+    if overrides:
+        name += "_" + hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
+    return name
+
+
+def cmd_tune(args) -> int:
+    from . import config
+    from .tracking import resolve_tracking_uri
+    from .tuning import TuneOptions, run_study
+
+    cfg = config.load(args.config, args.set)
+    if args.trials < 1:
+        raise config.ConfigError(f"--trials: must be >= 1, got {args.trials}")
+    options = TuneOptions(trials=args.trials, study_name=args.study_name or _study_name(args.config, args.set),
+                          storage=args.storage, n_jobs=args.n_jobs, timeout=args.timeout, pruner=args.pruner,
+                          sampler=args.sampler, tracking_uri=resolve_tracking_uri(args.tracking_uri, cfg),
+                          keep_checkpoints=args.keep_checkpoints)
+    study = run_study(cfg, options, args.config, args.set)
+    try:
+        best = study.best_trial
+    except ValueError:
+        print("no trial completed", file=sys.stderr)
+        return 1
+    print(f"best trial {best.number}: {cfg.tune.metric} {best.value:.2f}  "
+          + " ".join(f"{k}={v}" for k, v in best.params.items()))
+    print(f"re-run it alone: {best.user_attrs.get('rerun', '')}")
+    print(f"MLflow: {options.tracking_uri} (experiment {cfg.experiment}); study: {options.study_name}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import config
+    from .tracking import resolve_tracking_uri, runs_table
+
+    uri = resolve_tracking_uri(args.tracking_uri, None)
+    try:
+        frame = runs_table(uri, args.experiment, args.study, args.metric)
+    except ValueError as err:
+        raise config.ConfigError(str(err)) from None
+    if frame.empty:
+        print("no runs found")
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 20):
+        print(frame.to_string(index=False))
+    out = Path(args.out or f"compare_{args.study or args.experiment or 'all'}.csv")
+    frame.to_csv(out, index=False)
+    print(f"saved {len(frame)} runs to {out}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import shutil
+    import subprocess
+    import time
+
+    from .tracking import resolve_tracking_uri
+    from .tuning import storage_for
+
+    uri = resolve_tracking_uri(args.tracking_uri, None)
+    processes = [subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                   "--host", "127.0.0.1", "--port", str(args.port)])]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri}")
+    if args.study:
+        _, storage = storage_for(args.study, args.storage)
+        dashboard = shutil.which("optuna-dashboard")
+        if dashboard is None:
+            print("optuna-dashboard is not installed (pip install optuna-dashboard); showing MLflow only")
+        else:
+            processes.append(subprocess.Popen([dashboard, storage, "--host", "127.0.0.1",
+                                               "--port", str(args.dashboard_port)]))
+            print(f"optuna-dashboard on http://127.0.0.1:{args.dashboard_port} over {storage}")
+    try:
+        while all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in processes:
+            p.terminate()
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Evaluate a BEST / FINAL checkpoint (or an untrained model) on query / gallery."""
     import torch
@@ -124,6 +213,45 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run's folder under output_dir (printed by workbench run)")
     resume.add_argument("--tracking-uri", help="MLflow tracking URI of the original run")
     resume.set_defaults(func=cmd_resume)
+
+    tune = sub.add_parser("tune", help="Optuna study: every trial a complete run, tracked in MLflow",
+                          description="Search the config's tune.space; re-running the same command resumes the "
+                                      "study. Prints a line per trial and, at the end, the best trial and the "
+                                      "command that re-runs it.")
+    tune.add_argument("config")
+    tune.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key for every trial, repeatable")
+    tune.add_argument("--study-name", help="default: the config file's name (+ a hash of --set values)")
+    tune.add_argument("--storage", help="database URL (sqlite:///..., postgresql://...) or journal file; "
+                                        "default studies/<study>.journal")
+    tune.add_argument("--n-jobs", type=int, default=1, help="trials run at once in this process (threads)")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: the config's tune.pruner")
+    tune.add_argument("--sampler", choices=["tpe", "random", "cmaes"], help="default: the config's tune.sampler")
+    tune.add_argument("--keep-checkpoints", choices=["best", "all", "none"],
+                      help="checkpoints stored in MLflow (default: the config's tune.keep_checkpoints)")
+    tune.add_argument("--tracking-uri")
+    tune.set_defaults(func=cmd_tune)
+
+    compare = sub.add_parser("compare", help="runs as a table sorted by a metric (and saved as CSV)",
+                             description="Read runs from MLflow (search_runs) and print them best first.")
+    compare.add_argument("--experiment", help="MLflow experiment name (default: all)")
+    compare.add_argument("--study", help="only the trials of this study")
+    compare.add_argument("--metric", default="best_mAP", help="sort key (default best_mAP)")
+    compare.add_argument("--out", help="CSV path (default compare_<study or experiment>.csv)")
+    compare.add_argument("--tracking-uri")
+    compare.set_defaults(func=cmd_compare)
+
+    ui = sub.add_parser("ui", help="MLflow UI (and optuna-dashboard) on 127.0.0.1",
+                        description="Start the MLflow UI over the store that run and tune use; with --study, also "
+                                    "optuna-dashboard over that study's storage when it is installed.")
+    ui.add_argument("--tracking-uri")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--study", help="also open this study in optuna-dashboard")
+    ui.add_argument("--storage", help="the study's storage, if not the default studies/<study>.journal")
+    ui.add_argument("--dashboard-port", type=int, default=8080)
+    ui.set_defaults(func=cmd_ui)
 
     ev = sub.add_parser("eval", help="rank-k and mAP of a checkpoint (or of the untrained model)",
                         description="Evaluate on the config's query/gallery; without --checkpoint, the model as "

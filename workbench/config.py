@@ -38,6 +38,51 @@ class ConfigError(ValueError):
     """A user-caused problem with the experiment config; the message names the key."""
 
 
+# Metric to tune -> the per-epoch validation number reported for pruning.
+TUNE_METRICS = {"best_mAP": "mAP", "best_rank1": "rank1", "final_mAP": "mAP", "final_rank1": "rank1"}
+PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random", "cmaes")
+_SPEC_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
+              "categorical": {"type", "choices"}}
+_UNTUNABLE = {"tune", "experiment", "output_dir", "tracking_uri", "data_root", "device"}
+
+
+def _check_search_dimension(name: str, spec) -> None:
+    where = f"space.{name}"
+    if name in _UNTUNABLE or name not in {f.name for f in dataclasses.fields(Config)}:
+        close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(Config)], n=1)
+        raise ConfigError(f"{where}: not a tunable config key" + (f"; did you mean {close[0]}?" if close else ""))
+    if not isinstance(spec, dict) or spec.get("type") not in _SPEC_KEYS:
+        raise ConfigError(f"{where}: expected a mapping with type int, float or categorical")
+    unknown = set(spec) - _SPEC_KEYS[spec["type"]]
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r} for type {spec['type']}")
+    if spec["type"] == "categorical":
+        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+            raise ConfigError(f"{where}: categorical needs a non-empty list of choices")
+        return
+    number = int if spec["type"] == "int" else (int, float)
+    low, high = spec.get("low"), spec.get("high")
+    if not isinstance(low, number) or not isinstance(high, number) or isinstance(low, bool):
+        low, high = _as_number(where, low, spec["type"]), _as_number(where, high, spec["type"])
+    if not low < high:
+        raise ConfigError(f"{where}: empty range: low {low} must be below high {high}")
+    if spec.get("log") and low <= 0:
+        raise ConfigError(f"{where}: a log scale needs low > 0, got {low}")
+    if spec.get("step") is not None and (spec.get("log") or spec["step"] <= 0):
+        raise ConfigError(f"{where}: step must be > 0 and cannot go with log")
+
+
+def _as_number(where: str, value, kind: str):
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{where}: low and high must be numbers, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """The ``tune:`` section: what ``workbench tune`` maximises and over which space."""
@@ -52,6 +97,25 @@ class TuneConfig:
         "center_loss_weight": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
     })
     """Search space: config key -> {type: int|float|categorical, low, high, step, log, choices}."""
+    pruner: str = "median"
+    """median, hyperband or none."""
+    sampler: str = "tpe"
+    """tpe, random or cmaes."""
+    keep_checkpoints: str = "best"
+    """Checkpoints stored as MLflow artifacts: best (the best trial's only), all or none."""
+
+    def __post_init__(self):
+        if self.metric not in TUNE_METRICS:
+            raise ConfigError(f"metric: unknown {self.metric!r}; choose one of {', '.join(TUNE_METRICS)}")
+        if self.direction not in ("maximize", "minimize"):
+            raise ConfigError(f"direction: must be maximize or minimize, got {self.direction!r}")
+        for key, allowed in (("pruner", PRUNERS), ("sampler", SAMPLERS), ("keep_checkpoints", ("best", "all", "none"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        if not self.space:
+            raise ConfigError("space: is empty; name at least one config key to search")
+        for name, spec in self.space.items():
+            _check_search_dimension(name, spec)
 
 
 @dataclass(frozen=True)

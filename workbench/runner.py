@@ -2,9 +2,11 @@
 the final metrics. ``workbench run`` and every tuning trial call this one function."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import threading
 import random
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import torch
 from . import config as config_module
 from .config import Config, build_filename
 from .data import DataError, build_loaders, load_reid_dataset, synthesize_dataset
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_torch_save, load_checkpoint
 from .model import PromptLearner, load_clip_with_patch, register_bnneck_and_arcface, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
                      train_clipreid_prompt_stage)
@@ -86,15 +88,52 @@ def run_tags(cfg: Config) -> dict[str, str]:
             "variant": cfg.variant, "git_commit": git_commit(), "config_hash": cfg.hash()}
 
 
+class FeatureCache:
+    """Frozen training-image features of the prompt stage, shared by runs that would compute the
+    same ones (the trials of a study): keyed by model, weights, data, input size, seed (random
+    weights depend on it), device and precision. Kept in memory and, with ``folder``, on disk so
+    that worker processes and resumed studies reuse them too. Thread-safe; ``misses`` counts
+    the extractions actually run."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder else None
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.misses = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(cfg: Config) -> str:
+        parts = [resolve_model_name(cfg.model_type), cfg.pretrained, str(Path(cfg.data_root).resolve()),
+                 list(cfg.image_size), cfg.seed if cfg.pretrained in (None, "", "none") else None,
+                 cfg.device, cfg.amp]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+    def get(self, cfg: Config, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+        key = self.key(cfg)
+        with self._lock:
+            if key not in self.memory and self.folder is not None and (self.folder / f"{key}.pt").is_file():
+                feats, labels = torch.load(self.folder / f"{key}.pt", map_location="cpu", weights_only=True)
+                self.memory[key] = (feats, labels)
+            if key not in self.memory:
+                self.misses += 1
+                feats, labels = compute()
+                self.memory[key] = (feats.cpu(), labels.cpu())
+                if self.folder is not None:
+                    atomic_torch_save(self.memory[key], self.folder / f"{key}.pt")
+            feats, labels = self.memory[key]
+        return feats.to(device), labels.to(device)
+
+
 def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 report: Callable[[int, dict], None] | None = None, *, run_name: str | None = None,
-                nested: bool = False, feature_cache: dict | None = None, keep_checkpoints: bool = True,
+                parent_run_id: str | None = None, extra_tags: dict | None = None,
+                feature_cache: FeatureCache | None = None, keep_checkpoints: bool = True,
                 resume_dir: str | Path | None = None) -> dict:
     """One complete run: prompt stage and/or image stage as ``cfg.stage_mode`` says.
 
     ``cfg`` is a Config or a YAML path. The tracker (default: none) gets one run named by
     ``build_filename``'s stem. ``report(epoch, metrics)`` is called after every validation.
-    ``feature_cache`` (a dict shared between runs) reuses the frozen training features of the
+    ``feature_cache`` (a FeatureCache shared between runs) reuses the frozen training features of the
     prompt stage when model, weights, data and transforms are the same. Returns the final
     metrics: best_rank1, best_mAP, best_epoch, final rank-k, wall times, run_id and run_dir.
 
@@ -125,7 +164,8 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
     config_path.write_text(cfg.to_yaml())
     written: list[Path] = []
 
-    with tracker.start_run(run_name or stem, cfg.experiment, tags=run_tags(cfg), nested=nested,
+    with tracker.start_run(run_name or stem, cfg.experiment, tags=run_tags(cfg) | (extra_tags or {}),
+                           parent_run_id=parent_run_id,
                            run_id=previous_run_id) as run_id:
         try:
             run_file.write_text(json.dumps({"run_id": run_id}))
@@ -178,14 +218,8 @@ def build_model_and_loaders(cfg: Config, data, device: torch.device):
     return loaders, clip_model, prompt_learner, feat_dim
 
 
-def _feature_key(cfg: Config) -> tuple:
-    """What the frozen training features depend on (and nothing a tuning trial samples)."""
-    return (resolve_model_name(cfg.model_type), cfg.pretrained, str(Path(cfg.data_root).resolve()),
-            tuple(cfg.image_size), cfg.seed if cfg.pretrained in (None, "", "none") else None, cfg.device)
-
-
 def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem: str, written: list[Path],
-                feature_cache: dict | None, resume: bool = False) -> dict:
+                feature_cache: FeatureCache | None, resume: bool = False) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
@@ -225,12 +259,11 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     elif cfg.trains_prompt:
         cached = None
         if feature_cache is not None:
-            key = _feature_key(cfg)
-            if key in feature_cache:
-                cached = feature_cache[key]
-                log("reusing cached frozen training features")
-            else:
-                cached = feature_cache[key] = cache_image_features(clip_model, loaders.train_eval, device, cfg.amp)
+            misses = feature_cache.misses
+            cached = feature_cache.get(cfg, lambda: cache_image_features(clip_model, loaders.train_eval, device,
+                                                                         cfg.amp), device)
+            log("frozen training features: " + ("computed and cached" if feature_cache.misses > misses
+                                                 else "reused from the cache"))
         path = prompt_path if cfg.save_checkpoints else None
         prompt = train_clipreid_prompt_stage(clip_model, prompt_learner, loaders.train_eval,
                                              PromptStageSettings.from_config(cfg), device, tracker, log,

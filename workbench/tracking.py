@@ -27,10 +27,15 @@ def resolve_tracking_uri(cli_uri: str | None, cfg: Config | None) -> str:
             or DEFAULT_TRACKING_URI)
 
 
+class RunStopped(Exception):
+    """Raised from inside a run to end it early on purpose (a pruned tuning trial): the run ends
+    FINISHED with what it logged so far, and the exception goes on to the caller."""
+
+
 class Tracker(Protocol):
     history: dict[str, list[tuple[int, float]]]
 
-    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False,
+    def start_run(self, name: str, experiment: str, tags: dict | None = None, parent_run_id: str | None = None,
                   run_id: str | None = None) -> contextlib.AbstractContextManager[str]: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -48,7 +53,7 @@ class NullTracker:
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
     @contextlib.contextmanager
-    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False,
+    def start_run(self, name: str, experiment: str, tags: dict | None = None, parent_run_id: str | None = None,
                   run_id: str | None = None) -> Iterator[str]:
         self.run_id = run_id or name
         yield self.run_id
@@ -82,7 +87,7 @@ class RecordingTracker(NullTracker):
         self.status: str | None = None
 
     @contextlib.contextmanager
-    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False,
+    def start_run(self, name: str, experiment: str, tags: dict | None = None, parent_run_id: str | None = None,
                   run_id: str | None = None) -> Iterator[str]:
         self.calls.append(("start_run", (name, experiment)))
         self.tags.update(tags or {})
@@ -90,6 +95,9 @@ class RecordingTracker(NullTracker):
         try:
             yield self.run_id
             self.status = "FINISHED"
+        except RunStopped:
+            self.status = "FINISHED"
+            raise
         except KeyboardInterrupt:
             self.status = "KILLED"
             raise
@@ -117,7 +125,8 @@ class RecordingTracker(NullTracker):
 class MlflowTracker(NullTracker):
     """MLflow through ``MlflowClient``: metrics are buffered and sent with ``log_batch``.
 
-    A run that raises ends FAILED, one interrupted (Ctrl-C) KILLED, never FINISHED."""
+    A run that raises ends FAILED, one interrupted (Ctrl-C) KILLED, never FINISHED (except
+    RunStopped, an intended early end). Safe to use from one thread; give each thread its own."""
 
     MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 
@@ -126,9 +135,13 @@ class MlflowTracker(NullTracker):
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if tracking_uri.startswith("sqlite:///"):
+            self.client = _open_sqlite_store(tracking_uri)
+        else:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
         self._pending: list = []
         self._run_stack: list[str] = []
+        self.last_run_id: str | None = None
 
     @property
     def run_id(self) -> str | None:  # type: ignore[override]
@@ -149,21 +162,26 @@ class MlflowTracker(NullTracker):
         return experiment.experiment_id
 
     @contextlib.contextmanager
-    def start_run(self, name: str, experiment: str, tags: dict | None = None, nested: bool = False,
+    def start_run(self, name: str, experiment: str, tags: dict | None = None, parent_run_id: str | None = None,
                   run_id: str | None = None) -> Iterator[str]:
-        """A new run, or with ``run_id`` the same run again (a resumed training run)."""
+        """A new run (nested under ``parent_run_id`` when given), or with ``run_id`` the same run
+        again (a resumed training run)."""
         tags = {k: str(v) for k, v in (tags or {}).items()}
-        if nested and self._run_stack:
-            tags["mlflow.parentRunId"] = self._run_stack[-1]
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
         self._run_stack.append(run_id)
+        self.last_run_id = run_id
         status = "FAILED"
         try:
             yield run_id
             status = "FINISHED"
+        except RunStopped:
+            status = "FINISHED"  # stopped on purpose (a pruned trial): its numbers so far stand
+            raise
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -175,11 +193,14 @@ class MlflowTracker(NullTracker):
                 self._run_stack.pop()
 
     def log_params(self, params: dict[str, Any]) -> None:
+        self.log_params_to(self.run_id, params)
+
+    def log_params_to(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        for i in range(0, len(items), 100):  # MLflow's limit of params per request
+            self.client.log_batch(run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -202,6 +223,27 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+
+def _open_sqlite_store(tracking_uri: str):
+    """An MlflowClient on a SQLite store, opened (and on first use created and migrated) under a
+    file lock: processes that start together, the workers of one study, would otherwise race to
+    create its tables and fail."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db_path = Path(tracking_uri[len("sqlite:///"):])
+    lock = db_path.with_name(db_path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client.search_experiments(max_results=1)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return client
 
 
 def run_params(cfg: Config) -> dict[str, Any]:
@@ -233,3 +275,34 @@ def save_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, k
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def runs_table(tracking_uri: str, experiment: str | None = None, study: str | None = None,
+               metric: str = "best_mAP"):
+    """Runs as a pandas DataFrame, sorted by ``metric`` (best first): run name and id, status,
+    trial number, the tuned parameters, rank-k and mAP. ``experiment`` None means all
+    experiments; ``study`` keeps the trials of one study."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ValueError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
+        ids = [found.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.study_name = '{study}' and tags.`workbench.role` = 'trial'" if study else ""
+    mlflow.set_tracking_uri(tracking_uri)
+    frame = mlflow.search_runs(experiment_ids=ids, filter_string=query, output_format="pandas")
+    if frame.empty:
+        return frame
+    wanted = ["tags.mlflow.runName", "run_id", "status", "tags.trial_number", "tags.state", "params.n_ctx",
+              "params.lr", "params.center_loss_weight", f"metrics.{metric}", "metrics.best_rank1", "metrics.best_mAP",
+              "metrics.rank1", "metrics.mAP"]
+    columns = list(dict.fromkeys(c for c in wanted if c in frame.columns))
+    frame = frame[columns].rename(columns=lambda c: c.split(".", 1)[1] if "." in c else c)
+    if metric in frame.columns:
+        frame = frame.sort_values(metric, ascending=False, na_position="last")
+    return frame.reset_index(drop=True)

@@ -1,0 +1,383 @@
+"""``workbench tune``: an Optuna study whose every trial is a complete ``train_joint`` run.
+
+One function maps a trial to config overrides (``suggest_overrides``); the objective applies them
+and calls the same ``train_joint`` as ``workbench run``; the image stage's ``report`` callback
+feeds Optuna's pruner. Each trial is an MLflow run nested under one parent run per study.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from . import config as config_module
+from .config import TUNE_METRICS, Config, ConfigError, build_filename
+from .runner import FeatureCache, train_joint
+from .tracking import MlflowTracker, RunStopped
+
+STUDIES_DIR = Path("studies")
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+class TrialPruned(RunStopped):
+    """The pruner stopped this trial after a validation epoch."""
+
+
+@dataclass
+class TuneOptions:
+    trials: int
+    study_name: str
+    storage: str | None = None
+    n_jobs: int = 1
+    timeout: float | None = None
+    pruner: str | None = None  # None: the config's tune.pruner
+    sampler: str | None = None
+    tracking_uri: str | None = None
+    keep_checkpoints: str | None = None
+
+
+def storage_for(study_name: str, storage: str | None, studies_dir: Path = STUDIES_DIR):
+    """``storage`` as Optuna takes it: a database URL (``sqlite:///...``, ``postgresql://...``) is
+    used as is; a file path, or by default ``studies/<study>.journal``, becomes a journal file
+    storage, which several processes can share safely (SQLite may answer 'database is locked')."""
+    if storage and "://" in storage:
+        return storage, storage
+    path = Path(storage) if storage else studies_dir / f"{study_name}.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path))), str(path)
+
+
+def build_sampler(name: str, seed: int):
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def build_pruner(name: str, epochs: int):
+    """Pruners judge the per-epoch validation metric; the first quarter of the image stage is
+    never pruned (early mAP says little about the final one)."""
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, epochs // 4), max_resource=max(1, epochs))
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 4))
+
+
+def suggest_overrides(trial: optuna.trial.BaseTrial, space: dict) -> dict:
+    """Sample one value per searched key: {config key: value}."""
+    values = {}
+    for name, spec in space.items():
+        kind = spec["type"]
+        if kind == "categorical":
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), step=spec.get("step") or 1,
+                                             log=bool(spec.get("log")))
+        else:
+            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), step=spec.get("step"),
+                                               log=bool(spec.get("log")))
+    return values
+
+
+def rerun_command(config_path: str | None, base_overrides: list[str], values: dict) -> str:
+    """The ``workbench run`` command that reproduces one trial alone."""
+    args = ["workbench", "run", config_path or "CONFIG"] + [a for o in base_overrides for a in ("--set", o)]
+    for key, value in values.items():
+        args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _in_space(value, spec) -> bool:
+    if spec["type"] == "categorical":
+        return value in spec["choices"]
+    return spec["low"] <= value <= spec["high"]
+
+
+class Study:
+    """One ``workbench tune`` invocation: study, MLflow parent run, objective, summary."""
+
+    def __init__(self, cfg: Config, options: TuneOptions, config_path: str | None = None,
+                 base_overrides: list[str] | None = None, log: Callable[[str], None] = print,
+                 studies_dir: Path = STUDIES_DIR):
+        self.cfg, self.options, self.log = cfg, options, log
+        self.config_path, self.base_overrides = config_path, list(base_overrides or [])
+        self.tune = cfg.tune
+        self.metric = self.tune.metric
+        self.pruner_name = options.pruner or self.tune.pruner
+        self.sampler_name = options.sampler or self.tune.sampler
+        self.keep = options.keep_checkpoints or self.tune.keep_checkpoints
+        studies_dir.mkdir(parents=True, exist_ok=True)
+        self.storage, self.storage_label = storage_for(options.study_name, options.storage, studies_dir)
+        self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
+        self.tracking_uri = options.tracking_uri
+        self.study = optuna.create_study(
+            study_name=options.study_name, storage=self.storage, load_if_exists=True,
+            direction=self.tune.direction, sampler=build_sampler(self.sampler_name, cfg.seed),
+            pruner=build_pruner(self.pruner_name, cfg.epochs_image))
+        self._lock = threading.Lock()
+        self.studies_dir = studies_dir
+        self.lock_path = studies_dir / f"{options.study_name}.lock"
+        with self._claim_lock():  # workers starting together agree on one parent run and one baseline
+            self.parent_run_id = self._parent_run()
+            self._enqueue_defaults()
+
+    # ------------------------------------------------------------------ MLflow parent run
+    def _parent_run(self) -> str:
+        tracker = MlflowTracker(self.tracking_uri)
+        existing = self.study.user_attrs.get(PARENT_ATTR)
+        if existing:
+            tracker.client.update_run(existing, status="RUNNING")
+            return existing
+        tags = {"study_name": self.options.study_name, "storage": self.storage_label, "sampler": self.sampler_name,
+                "pruner": self.pruner_name, "tune_metric": self.metric, "direction": self.tune.direction,
+                "workbench.role": "study"}
+        run_id = tracker.client.create_run(tracker.experiment_id(self.cfg.experiment),
+                                           run_name=f"study_{self.options.study_name}", tags=tags).info.run_id
+        self.study.set_user_attr(PARENT_ATTR, run_id)
+        # Several workers may start at once: the first id written to the study wins.
+        winner = optuna.load_study(study_name=self.options.study_name, storage=self.storage).user_attrs[PARENT_ATTR]
+        if winner != run_id:
+            tracker.client.delete_run(run_id)
+            return winner
+        tracker.log_params_to(run_id, {f"space.{k}": json.dumps(v) for k, v in self.tune.space.items()}
+                              | {"metric": self.metric, "direction": self.tune.direction})
+        return run_id
+
+    def _enqueue_defaults(self) -> None:
+        """A new study first tries the config as written, so its best is never worse than that."""
+        if self.study.trials:
+            return
+        values = {k: getattr(self.cfg, k) for k in self.tune.space}
+        if all(_in_space(v, self.tune.space[k]) for k, v in values.items()):
+            self.study.enqueue_trial(values, user_attrs={"baseline": True})
+
+    # ------------------------------------------------------------------ objective
+    def objective(self, trial: optuna.trial.Trial) -> float:
+        values = suggest_overrides(trial, self.tune.space)
+        try:
+            cfg = config_module.replace(self.cfg, **values)
+        except ConfigError as err:  # a sampled combination the config rejects
+            trial.set_user_attr("fail_reason", str(err))
+            raise
+        trial.set_user_attr("seed", cfg.seed)
+        trial.set_user_attr("rerun", rerun_command(self.config_path, self.base_overrides, values))
+        report_key = TUNE_METRICS[self.metric]
+
+        def report(epoch: int, metrics: dict) -> None:
+            trial.report(metrics[report_key], epoch)
+            if trial.should_prune():
+                raise TrialPruned(f"pruned after epoch {epoch} at {report_key} {metrics[report_key]:.2f}")
+
+        stem = build_filename(cfg, cfg.epochs_image, "image")
+        tracker = MlflowTracker(self.tracking_uri)
+        tags = {"study_name": self.options.study_name, "trial_number": trial.number, "workbench.role": "trial"}
+        try:
+            result = train_joint(cfg, tracker, report, run_name=f"{stem}_trial{trial.number}",
+                                 parent_run_id=self.parent_run_id, extra_tags=tags,
+                                 feature_cache=self.feature_cache, keep_checkpoints=self.keep == "all")
+        except TrialPruned as stop:
+            run_id = tracker.last_run_id
+            tracker.client.set_tag(run_id, "state", "PRUNED")
+            trial.set_user_attr("mlflow_run_id", run_id)
+            raise optuna.TrialPruned(str(stop)) from None
+        except Exception as err:
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            trial.set_user_attr("fail_reason", reason)
+            if tracker.last_run_id:
+                trial.set_user_attr("mlflow_run_id", tracker.last_run_id)
+                tracker.client.set_tag(tracker.last_run_id, "state", "FAIL")
+                tracker.client.set_tag(tracker.last_run_id, "fail_reason", reason[:5000])
+            raise
+        value = result[self.metric]
+        trial.set_user_attr("mlflow_run_id", result["run_id"])
+        trial.set_user_attr("run_dir", result["run_dir"])
+        tracker.client.set_tag(result["run_id"], "state", "COMPLETE")
+        tracker.client.set_tag(result["run_id"], "objective", value)
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"the run produced no finite {self.metric}")
+        return value
+
+    # ------------------------------------------------------------------ running
+    FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+    def remaining(self) -> int:
+        done = self.study.get_trials(deepcopy=False, states=self.FINISHED)
+        return max(0, self.options.trials - len(done))
+
+    def _claimed(self) -> int:
+        states = self.FINISHED + (optuna.trial.TrialState.RUNNING,)
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    @contextlib.contextmanager
+    def _claim_lock(self):
+        """Threads of this process and processes on this machine take turns to claim a trial, so
+        the study never runs more than ``trials`` of them."""
+        with self._lock, open(self.lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _fail_dead_workers(self) -> None:
+        """Trials left RUNNING by a process of this machine that no longer exists (killed) are
+        marked FAIL, so that resuming runs them again."""
+        host = socket.gethostname()
+        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+            if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+                storage = self.study._storage  # Optuna has no public call to fail a foreign trial
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process ended")
+                storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+    def _worker(self, deadline: float | None) -> None:
+        while deadline is None or time.time() < deadline:
+            with self._claim_lock():
+                if self._claimed() >= self.options.trials:
+                    return
+                trial = self.study.ask()
+                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            try:
+                value = self.objective(trial)
+                frozen = self.study.tell(trial, value)
+            except optuna.TrialPruned:
+                frozen = self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            except KeyboardInterrupt:
+                trial.set_user_attr("fail_reason", "interrupted")
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            except Exception:  # the study goes on; the reason is on the trial and its MLflow run
+                frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self._progress(self.study, frozen)
+
+    def _progress(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        try:
+            best = f"{study.best_value:.2f} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "none yet"
+        value = "-" if trial.value is None else f"{trial.value:.2f}"
+        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        reason = trial.user_attrs.get("fail_reason", "")
+        self.log(f"trial {trial.number:3d} {trial.state.name:8s} {self.metric} {value:>6s}  {params}  best {best}"
+                 + (f"  ({reason})" if reason else ""))
+
+    def run(self) -> optuna.Study:
+        """Run trials until the study holds ``trials`` finished ones (resuming an existing study
+        runs only the missing ones), then write the summary to the parent run."""
+        self._fail_dead_workers()
+        self.log(f"study {self.options.study_name} ({self.storage_label}): {len(self.study.trials)} trials so far, "
+                 f"{self.remaining()} to go, {self.options.n_jobs} at a time; pruner {self.pruner_name}, sampler "
+                 f"{self.sampler_name}, {self.tune.direction} {self.metric}")
+        deadline = time.time() + self.options.timeout if self.options.timeout else None
+        if self.options.n_jobs == 1:
+            self._worker(deadline)
+        else:
+            with ThreadPoolExecutor(self.options.n_jobs) as pool:
+                for future in [pool.submit(self._worker, deadline) for _ in range(self.options.n_jobs)]:
+                    future.result()
+        self.summarise()
+        return self.study
+
+    def summarise(self) -> None:
+        """Best params and value, the trials table and Optuna's plots on the parent run; the best
+        trial's checkpoints on its own run (``keep_checkpoints: best``)."""
+        tracker = MlflowTracker(self.tracking_uri)
+        client, parent = tracker.client, self.parent_run_id
+        frame = self.study.trials_dataframe()
+        out = self.studies_dir / f"{self.options.study_name}_summary"
+        out.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out / f"{self.options.study_name}_trials.csv", index=False)
+        client.log_artifact(parent, str(out / f"{self.options.study_name}_trials.csv"))
+        complete = [t for t in self.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if complete:
+            best = self.study.best_trial
+            step = len(self.study.trials)
+            for key, value in {"best_value": best.value, "best_trial": best.number, "n_complete": len(complete),
+                               "n_trials": len(self.study.trials)}.items():
+                client.log_metric(parent, key, float(value), step=step)
+            # MLflow params cannot change once set and a resumed study may find a new best: tags
+            for key, value in best.params.items():
+                client.set_tag(parent, f"best.{key}", value)
+            client.set_tag(parent, "best_trial", best.number)
+            client.set_tag(parent, "best_rerun", best.user_attrs.get("rerun", ""))
+            best_file = out / f"{self.options.study_name}_best.json"
+            best_file.write_text(json.dumps({"trial": best.number, "value": best.value, "params": best.params,
+                                             "rerun": best.user_attrs.get("rerun")}, indent=1))
+            client.log_artifact(parent, str(best_file))
+            if self.keep == "best" and best.user_attrs.get("run_dir"):
+                for path in sorted(Path(best.user_attrs["run_dir"]).glob("*.pth")):
+                    client.log_artifact(best.user_attrs["mlflow_run_id"], str(path), "checkpoints")
+            for plot in _optuna_plots(self.study, out, self.options.study_name):
+                client.log_artifact(parent, str(plot), "plots")
+        client.set_terminated(parent, "FINISHED")
+
+
+def _optuna_plots(study: optuna.Study, folder: Path, name: str) -> list[Path]:
+    """Optimization history, parameter importances, parallel coordinates and slice plots as PNG
+    (those the trials so far allow: importances need two complete trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {"optimization_history": ovm.plot_optimization_history, "param_importances": ovm.plot_param_importances,
+             "parallel_coordinate": ovm.plot_parallel_coordinate, "slice": ovm.plot_slice}
+    written = []
+    import warnings
+
+    for key, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:  # too few trials for this plot
+            print(f"skipping the {key} plot: {err}", file=sys.stderr)
+            continue
+        figure = result.figure if hasattr(result, "figure") else result.flat[0].figure
+        path = folder / f"{name}_{key}.png"
+        figure.set_size_inches(9, 5.5)
+        figure.tight_layout()
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_study(cfg: Config, options: TuneOptions, config_path: str | None = None,
+              base_overrides: list[str] | None = None, log: Callable[[str], None] = print,
+              studies_dir: Path = STUDIES_DIR) -> optuna.Study:
+    """Create or resume the study and run the missing trials; returns the Optuna study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    study = Study(cfg, options, config_path, base_overrides, log, studies_dir)
+    result = study.run()
+    log(f"study finished in {time.perf_counter() - started:.0f}s")
+    return result
