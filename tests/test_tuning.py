@@ -173,3 +173,31 @@ def test_cli_tune_and_compare(tune_config, tmp_path, monkeypatch, capsys):
     table = pd.read_csv(tmp_path / "c.csv")
     assert list(table["best_mAP"]) == sorted(table["best_mAP"], reverse=True)
     assert main(["tune", str(cfg_path), "--trials", "0", "--tracking-uri", uri]) == 2
+
+
+def test_workbench_ui_serves_the_tracking_store(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"sqlite:///{tmp_path / 'ui.db'}"
+    ui = subprocess.Popen([sys.executable, "-m", "workbench.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}" in ui.stdout.readline()
+        deadline = time.time() + 120
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+                                              "?max_results=5", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline and ui.poll() is None, "workbench ui did not serve"
+                time.sleep(0.5)
+        assert b"experiments" in body
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)

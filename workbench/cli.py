@@ -126,7 +126,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    import contextlib
+    import os
     import shutil
+    import signal
     import subprocess
     import time
 
@@ -134,9 +137,13 @@ def cmd_ui(args) -> int:
     from .tuning import storage_for
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
+    # Each server gets its own process group, so that stopping `workbench ui` (Ctrl-C or SIGTERM)
+    # stops its workers too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     processes = [subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                   "--host", "127.0.0.1", "--port", str(args.port)])]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri}")
+                                   "--host", "127.0.0.1", "--port", str(args.port)], start_new_session=True)]
+    print(f"MLflow UI on http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning over {uri}",
+          flush=True)
     if args.study:
         _, storage = storage_for(args.study, args.storage)
         dashboard = shutil.which("optuna-dashboard")
@@ -144,7 +151,7 @@ def cmd_ui(args) -> int:
             print("optuna-dashboard is not installed (pip install optuna-dashboard); showing MLflow only")
         else:
             processes.append(subprocess.Popen([dashboard, storage, "--host", "127.0.0.1",
-                                               "--port", str(args.dashboard_port)]))
+                                               "--port", str(args.dashboard_port)], start_new_session=True))
             print(f"optuna-dashboard on http://127.0.0.1:{args.dashboard_port} over {storage}")
     try:
         while all(p.poll() is None for p in processes):
@@ -153,7 +160,10 @@ def cmd_ui(args) -> int:
         pass
     finally:
         for p in processes:
-            p.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in processes:
+            p.wait(timeout=30)
     return 0
 
 
