@@ -67,6 +67,8 @@ def test_study_trials_mlflow_layout_and_resume(tune_config, tmp_path, monkeypatc
     assert any(p.endswith("_BEST.pth") for p in checkpoints)
     others = [c for c in children if c.info.run_id != best_run.info.run_id]
     assert all(not client.list_artifacts(c.info.run_id, "checkpoints") for c in others)
+    on_disk = {p.parent.parent.name for p in Path(tune_config.output_dir).glob("*/*/*.pth")}
+    assert on_disk == {f"s1_trial{best.number}"}  # the other trials' checkpoints are removed
 
     # the frozen features were extracted once for the whole study
     assert len(list((tmp_path / "studies" / "s1_features").glob("*.pt"))) == 1

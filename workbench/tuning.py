@@ -172,7 +172,7 @@ class Study:
     def objective(self, trial: optuna.trial.Trial) -> float:
         values = suggest_overrides(trial, self.tune.space)
         try:
-            cfg = config_module.replace(self.cfg, **values)
+            cfg = config_module.replace(self.cfg, **values, output_dir=str(self.trial_dir(trial.number)))
         except ConfigError as err:  # a sampled combination the config rejects
             trial.set_user_attr("fail_reason", str(err))
             raise
@@ -213,6 +213,24 @@ class Study:
         if value is None or not math.isfinite(value):
             raise ValueError(f"the run produced no finite {self.metric}")
         return value
+
+    def trial_dir(self, number: int) -> Path:
+        """Where a trial's run folder goes: its checkpoints can be found (and removed) by number."""
+        return Path(self.cfg.output_dir) / f"{self.options.study_name}_trial{number}"
+
+    def _remove_surplus_checkpoints(self) -> None:
+        """Checkpoints on disk are kept for the best trial so far only (``keep_checkpoints`` best or
+        none; all keeps every trial's): a finished trial that is not the best never will be."""
+        if self.keep == "all":
+            return
+        try:
+            best = self.study.best_trial.number if self.keep == "best" else None
+        except ValueError:
+            best = None
+        for trial in self.study.get_trials(deepcopy=False, states=self.FINISHED):
+            if trial.number != best:
+                for path in self.trial_dir(trial.number).glob("*/*.pth"):
+                    path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ running
     FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -266,6 +284,7 @@ class Study:
             except Exception:  # the study goes on; the reason is on the trial and its MLflow run
                 frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             self._progress(self.study, frozen)
+            self._remove_surplus_checkpoints()
 
     def _progress(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         try:
@@ -322,8 +341,10 @@ class Study:
                                              "rerun": best.user_attrs.get("rerun")}, indent=1))
             client.log_artifact(parent, str(best_file))
             if self.keep == "best" and best.user_attrs.get("run_dir"):
+                logged = {a.path for a in client.list_artifacts(best.user_attrs["mlflow_run_id"], "checkpoints")}
                 for path in sorted(Path(best.user_attrs["run_dir"]).glob("*.pth")):
-                    client.log_artifact(best.user_attrs["mlflow_run_id"], str(path), "checkpoints")
+                    if f"checkpoints/{path.name}" not in logged:
+                        client.log_artifact(best.user_attrs["mlflow_run_id"], str(path), "checkpoints")
             for plot in _optuna_plots(self.study, out, self.options.study_name):
                 client.log_artifact(parent, str(plot), "plots")
         client.set_terminated(parent, "FINISHED")
