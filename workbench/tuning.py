@@ -305,12 +305,16 @@ class Study:
                  f"{self.remaining()} to go, {self.options.n_jobs} at a time; pruner {self.pruner_name}, sampler "
                  f"{self.sampler_name}, {self.tune.direction} {self.metric}")
         deadline = time.time() + self.options.timeout if self.options.timeout else None
-        if self.options.n_jobs == 1:
-            self._worker(deadline)
-        else:
-            with ThreadPoolExecutor(self.options.n_jobs) as pool:
-                for future in [pool.submit(self._worker, deadline) for _ in range(self.options.n_jobs)]:
-                    future.result()
+        try:
+            if self.options.n_jobs == 1:
+                self._worker(deadline)
+            else:
+                with ThreadPoolExecutor(self.options.n_jobs) as pool:
+                    for future in [pool.submit(self._worker, deadline) for _ in range(self.options.n_jobs)]:
+                        future.result()
+        except KeyboardInterrupt:  # the parent run says so; re-running the command resumes
+            MlflowTracker(self.tracking_uri).client.set_terminated(self.parent_run_id, "KILLED")
+            raise
         self.summarise()
         return self.study
 
