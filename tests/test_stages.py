@@ -73,3 +73,23 @@ def test_cosine_schedule_shape():
     assert cosine_factor(0, 10, 2, 1e-3, 1e-6) == pytest.approx(1 / 3)
     values = [cosine_factor(e, 10, 0, 1e-3, 1e-6) for e in range(10)]
     assert values == sorted(values, reverse=True)
+
+
+def test_image_stage_trains_what_the_settings_say():
+    from workbench.stages import _image_stage_trainables
+
+    model = load_clip_with_patch("wb-tiny", "cpu", pretrained=None, image_size=(64, 32))
+    prompt = PromptLearner(["a", "b"], model, 2, "{aspect} hand", "left", "wb-tiny")
+    register_bnneck_and_arcface(model, 2, (64, 32))
+
+    def trained(**kw):
+        params = {id(p) for p in _image_stage_trainables(model, prompt, ImageStageSettings(1, 1e-4, **kw), print)}
+        names = {n.split(".")[0] for n, p in model.named_parameters() if id(p) in params}
+        return names | ({"ctx"} if id(prompt.ctx) in params else set()), params
+
+    names, params = trained()
+    assert names == {"visual", "bottleneck", "arcface"}
+    assert id(model.bottleneck.bias) not in params and id(model.bottleneck.weight) in params
+    names, _ = trained(train_text_encoder=True, freeze_prompt=False)
+    assert {"transformer", "token_embedding", "ln_final", "ctx"} <= names
+    assert "logit_scale" not in names

@@ -228,6 +228,29 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
             "image_feats": image_feats, "labels": labels}
 
 
+def _image_stage_trainables(clip_model: nn.Module, prompt_learner: nn.Module | None,
+                            settings: ImageStageSettings, log: Log) -> list[nn.Parameter]:
+    """Set which parameters train in the image stage and return them: the image encoder, BNNeck
+    (its bias stays frozen, as in BoT) and ArcFace; the text encoder and the prompt when asked."""
+    freeze_entire_clip_model(clip_model)
+    unfreeze_clip_image_encoder(clip_model, log)
+    clip_model.bottleneck.weight.requires_grad_(True)
+    for p in clip_model.arcface.parameters():
+        p.requires_grad_(True)
+    if settings.train_text_encoder:
+        unfreeze_clip_text_encoder(clip_model, log)
+    if prompt_learner is not None:
+        if settings.freeze_prompt:
+            freeze_prompt_learner(prompt_learner, log)
+        else:
+            for p in prompt_learner.parameters():
+                p.requires_grad_(True)
+    params = [p for p in clip_model.parameters() if p.requires_grad]
+    if prompt_learner is not None:
+        params += [p for p in prompt_learner.parameters() if p.requires_grad]
+    return params
+
+
 def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module | None, loaders,
                                settings: ImageStageSettings, device: torch.device, tracker: Tracker,
                                log: Log = print, report: Report | None = None,
@@ -244,23 +267,8 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     started = time.perf_counter()
     losses = build_loss(settings.loss_list)
     use_text = losses.needs_text and prompt_learner is not None
-    freeze_entire_clip_model(clip_model)
-    unfreeze_clip_image_encoder(clip_model, log)
-    for module in (clip_model.bottleneck, clip_model.arcface):
-        for name, p in module.named_parameters():
-            p.requires_grad_(name != "bias" or module is not clip_model.bottleneck)
-    if settings.train_text_encoder:
-        unfreeze_clip_text_encoder(clip_model, log)
-    if prompt_learner is not None:
-        if settings.freeze_prompt:
-            freeze_prompt_learner(prompt_learner, log)
-        else:
-            for p in prompt_learner.parameters():
-                p.requires_grad_(True)
+    params = _image_stage_trainables(clip_model, prompt_learner, settings, log)
     text_trains = use_text and (settings.train_text_encoder or not settings.freeze_prompt)
-    params = [p for p in clip_model.parameters() if p.requires_grad]
-    if prompt_learner is not None:
-        params += [p for p in prompt_learner.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min)
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
@@ -292,6 +300,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     g_cams = [r.camid for r in data.gallery] if data.has_cameras else None
     buffer = StepMetrics(tracker, "image")
     zero = torch.zeros((), device=device)
+
     def save(tag: str, epoch: int) -> None:
         progress = {"global_step": step, "stage_steps": step - start_step, "best": best, "best_epoch": best_epoch}
         save_checkpoint(checkpoint_path(tag), model=clip_model, optimizer=optimizer, scheduler=scheduler,
