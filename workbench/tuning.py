@@ -294,7 +294,14 @@ class Study:
         value = "-" if trial.value is None else f"{trial.value:.2f}"
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         reason = trial.user_attrs.get("fail_reason", "")
-        self.log(f"trial {trial.number:3d} {trial.state.name:8s} {self.metric} {value:>6s}  {params}  best {best}"
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
+            if trial.datetime_complete and trial.datetime_start else float("nan")
+        if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+            epoch = max(trial.intermediate_values)
+            what = f"at epoch {epoch}: {TUNE_METRICS[self.metric]} {trial.intermediate_values[epoch]:.2f}"
+        else:
+            what = f"{self.metric} {value}"
+        self.log(f"trial {trial.number:3d} {trial.state.name:8s} {what}  {params}  {seconds:.0f}s  best {best}"
                  + (f"  ({reason})" if reason else ""))
 
     def run(self) -> optuna.Study:
