@@ -73,6 +73,14 @@ def test_study_trials_mlflow_layout_and_resume(tune_config, tmp_path, monkeypatc
     # the frozen features were extracted once for the whole study
     assert len(list((tmp_path / "studies" / "s1_features").glob("*.pt"))) == 1
 
+    # a trial (which found the features cached) re-run alone gives the same numbers
+    from workbench.runner import train_joint
+
+    later = [t for t in complete if t.number > 0]
+    if later:
+        alone = train_joint(config.replace(tune_config, **later[0].params, save_checkpoints=False))
+        assert alone["best_mAP"] == pytest.approx(later[0].value, abs=1e-9)
+
     # re-running the same command resumes: only the missing trials run
     options.trials = 4
     study = run_study(tune_config, options, log=lambda _: None, studies_dir=tmp_path / "studies")

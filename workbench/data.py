@@ -204,10 +204,14 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
     sampler = IdentitySampler(data.train_labels, batch_size, num_instances, seed)
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
 
+    # Every DataLoader iterator draws a seed for its workers; from a generator of its own, so that
+    # whether a loader runs (features cached or not) never shifts the global RNG of training.
     def plain(records, labels):
-        return DataLoader(ImageDataset(records, test_tf, labels), batch_size=test_batch_size, shuffle=False, **common)
+        return DataLoader(ImageDataset(records, test_tf, labels), batch_size=test_batch_size, shuffle=False,
+                          generator=torch.Generator().manual_seed(seed), **common)
 
-    train = DataLoader(ImageDataset(data.train, train_tf, index), batch_sampler=sampler, **common)
+    train = DataLoader(ImageDataset(data.train, train_tf, index), batch_sampler=sampler,
+                       generator=torch.Generator().manual_seed(seed), **common)
     return Loaders(train=train, train_eval=plain(data.train, index), query=plain(data.query, None),
                    gallery=plain(data.gallery, None), data=data, sampler=sampler)
 
