@@ -39,7 +39,7 @@ def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path, capsys):
     for key in AT_END:
         assert key in run.data.metrics, key
     assert run.data.metrics["best_rank1"] == pytest.approx(result["best_rank1"])
-    assert run.data.params["lr"] == "0.002" and run.data.params["n_ctx"] == "4"
+    assert run.data.params["lr"] == "0.001" and run.data.params["n_ctx"] == "4"
     assert run.data.params["tune.metric"] == "best_mAP" and "loss_list" in run.data.params
     for tag in ("stage_mode", "model", "dataset", "aspect", "git_commit", "config_hash"):
         assert tag in run.data.tags, tag

@@ -41,7 +41,7 @@ def test_study_trials_mlflow_layout_and_resume(tune_config, tmp_path, monkeypatc
         assert space["n_ctx"]["low"] <= t.params["n_ctx"] <= space["n_ctx"]["high"]
         assert space["lr"]["low"] <= t.params["lr"] <= space["lr"]["high"]
         assert space["center_loss_weight"]["low"] <= t.params["center_loss_weight"] <= space["center_loss_weight"]["high"]
-    assert trials[0].params == {"n_ctx": 4, "lr": 0.002, "center_loss_weight": 0.0003}  # the config as written
+    assert trials[0].params == {"n_ctx": 4, "lr": 0.001, "center_loss_weight": 0.0003}  # the config as written
 
     client, parents, children = study_runs(uri, "s1")
     assert len(parents) == 1 and len(children) == 3
