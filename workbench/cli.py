@@ -27,9 +27,7 @@ def _one_line(err: BaseException) -> str:
     # the original message is its last line.
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     text = lines[-1] if lines else type(err).__name__
-    for prefix in ("workbench.data.DataError: ",):
-        text = text.replace(prefix, "")
-    return text
+    return text.removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
 
 
 def cmd_run(args) -> int:
@@ -295,11 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"workbench: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if "DataError" in str(err):  # a worker's DataError re-raised by the DataLoader
-            print(f"workbench: error: {_one_line(err)}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

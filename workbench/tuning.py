@@ -127,10 +127,15 @@ class Study:
         self.storage, self.storage_label = storage_for(options.study_name, options.storage, studies_dir)
         self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
         self.tracking_uri = options.tracking_uri
-        self.study = optuna.create_study(
-            study_name=options.study_name, storage=self.storage, load_if_exists=True,
-            direction=self.tune.direction, sampler=build_sampler(self.sampler_name, cfg.seed),
-            pruner=build_pruner(self.pruner_name, cfg.epochs_image))
+        try:
+            self.study = optuna.create_study(
+                study_name=options.study_name, storage=self.storage, load_if_exists=True,
+                direction=self.tune.direction, sampler=build_sampler(self.sampler_name, cfg.seed),
+                pruner=build_pruner(self.pruner_name, cfg.epochs_image))
+        except Exception as err:  # a wrong URL, a missing driver, an unreachable server
+            lines = str(err).strip().splitlines()
+            raise ConfigError(f"--storage: cannot open {self.storage_label}: "
+                              f"{lines[0] if lines else type(err).__name__}") from None
         self._lock = threading.Lock()
         self.studies_dir = studies_dir
         self.lock_path = studies_dir / f"{options.study_name}.lock"
