@@ -22,6 +22,18 @@ from typing import Any, Optional, Union
 import yaml
 
 STAGE_MODES = ("prompt_then_image", "prompt_only", "image_only")
+# Choices of the keys that switch between the original design and the official CLIP-ReID recipe.
+CHOICES = {
+    "id_head": ("arcface", "linear"),
+    "train_feature": ("normalized", "raw"),
+    "test_feature": ("proj", "proj_and_pre_proj"),
+    "i2t_mode": ("batch_supcon", "all_classes"),
+    "i2t_logit_mode": ("cosine_scaled", "raw_dot"),
+    "prompt_logit_mode": ("cosine_scaled", "raw_dot"),
+    "lr_schedule": ("cosine", "multistep"),
+    "select_metric": ("rank1", "mAP"),
+    "eval_neck_feat": ("before", "after"),
+}
 LOSS_NAMES = ("id", "triplet", "center", "i2t", "t2i")
 # Names the original research configs used for the same losses.
 LOSS_ALIASES = {
@@ -155,6 +167,10 @@ class Config:
     """Synthetic dataset: identities for training (as many again for query/gallery)."""
     synth_images_per_identity: int = 8
     """Synthetic dataset: images per identity and split."""
+    val_identities: float = 0
+    """Training identities held out for validation (a count >= 1 or a fraction < 1; 0: none, select on test)."""
+    val_seed: Optional[int] = None
+    """Seed of the validation hold-out draw; null means seed."""
     aspect: str = "dorsal right"
     """Hand aspect substituted for {aspect} in prompt_template."""
     image_size: list = field(default_factory=lambda: [256, 128])
@@ -173,12 +189,18 @@ class Config:
     """Padding before the random crop in training (pixels)."""
     random_erasing: float = 0.5
     """Probability of random erasing in training."""
+    pixel_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    """Per-channel mean subtracted from the input (CLIP's; the official CLIP-ReID ViT uses 0.5)."""
+    pixel_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    """Per-channel standard deviation dividing the input (CLIP's; the official CLIP-ReID ViT uses 0.5)."""
 
     # --- model ---
     model_type: str = "ViT-B/16"
     """CLIP architecture: the original's names (ViT-B/16, RN50, vitb16) or open_clip's."""
     pretrained: Optional[str] = "openai"
     """open_clip pretrained tag, a local weights file, or null for random weights."""
+    quick_gelu: Optional[bool] = None
+    """QuickGELU activation (OpenAI weights); null detects it from the tag, the weights file or the model name."""
     n_ctx: int = 12
     """Learned context tokens per class in the prompt."""
     prompt_template: str = "{aspect} hand of a person"
@@ -189,12 +211,18 @@ class Config:
     """Keep the learned prompt fixed during the image stage."""
     train_text_encoder: bool = False
     """Also fine-tune CLIP's text encoder during the image stage."""
+    id_head: str = "arcface"
+    """ID classifier on the BNNeck feature: arcface (original design) or linear (official, no bias)."""
+    train_feature: str = "normalized"
+    """Image feature that BNNeck and the triplet loss take: normalized (original design) or raw (official)."""
+    test_feature: str = "proj"
+    """proj, or proj_and_pre_proj (official: pre-projection feature with its own BNNeck and ID head, concatenated at test)."""
     arcface_scale: float = 30.0
     """ArcFace scale s."""
     arcface_margin: float = 0.5
     """ArcFace additive angular margin m (radians)."""
     eval_neck_feat: str = "before"
-    """Features for validation: before (L2-normalised image features) or after the BNNeck."""
+    """Features for validation: before (image features, L2-normalised) or after the BNNeck."""
 
     # --- optimisation ---
     epochs_prompt: int = 60
@@ -208,15 +236,47 @@ class Config:
     weight_decay: float = 1e-4
     """Adam weight decay."""
     warmup_epochs: int = 0
-    """Linear warm-up epochs at the start of each stage."""
+    """Linear warm-up epochs at the start of the image stage (and of the prompt stage unless warmup_epochs_prompt)."""
+    warmup_factor: Optional[float] = None
+    """Learning-rate factor at the first warm-up epoch, rising linearly to 1; null means 1 / (warmup_epochs + 1)."""
+    warmup_epochs_prompt: Optional[int] = None
+    """Warm-up epochs of the prompt stage; null means warmup_epochs."""
+    warmup_factor_prompt: Optional[float] = None
+    """Warm-up start factor of the prompt stage; null means warmup_factor."""
+    lr_schedule: str = "cosine"
+    """Image-stage schedule after warm-up: cosine (to eta_min) or multistep (x lr_gamma at each of lr_steps)."""
+    lr_steps: list = field(default_factory=list)
+    """Epochs at which the multistep schedule multiplies the learning rate by lr_gamma."""
+    lr_gamma: float = 0.1
+    """Factor of each multistep decay."""
+    bias_lr_factor: float = 1.0
+    """Learning rate of bias parameters in the image stage: lr x bias_lr_factor (official: 2)."""
+    weight_decay_bias: Optional[float] = None
+    """Weight decay of bias parameters in the image stage; null means weight_decay."""
     eta_min: float = 1e-6
     """Final learning rate of the cosine schedule."""
     loss_list: list = field(default_factory=lambda: list(LOSS_NAMES))
     """Losses of the image stage: id, triplet, center, i2t, t2i (aliases: supcon, tri, ce)."""
-    triplet_margin: float = 0.3
-    """Margin of the batch-hard triplet loss."""
+    triplet_margin: Optional[float] = 0.3
+    """Margin of the batch-hard triplet loss; null: soft margin log(1 + exp(d_ap - d_an)) (official NO_MARGIN)."""
     label_smoothing: float = 0.0
-    """Label smoothing of the ID loss on ArcFace logits."""
+    """Label smoothing of the ID loss."""
+    id_loss_weight: float = 1.0
+    """Weight of the ID loss in the image stage."""
+    triplet_loss_weight: float = 1.0
+    """Weight of the triplet loss in the image stage."""
+    i2t_loss_weight: float = 1.0
+    """Weight of the image-to-text loss in the image stage."""
+    t2i_loss_weight: float = 1.0
+    """Weight of the text-to-image loss in the image stage."""
+    i2t_mode: str = "batch_supcon"
+    """Image-stage i2t: batch_supcon (SupCon in the batch, original design) or all_classes (cross-entropy over every identity's text feature, official; no t2i)."""
+    i2t_label_smoothing: float = 0.0
+    """Label smoothing of the all_classes i2t cross-entropy."""
+    i2t_logit_mode: str = "cosine_scaled"
+    """Image-stage image-text logits: cosine_scaled (cosine x logit scale) or raw_dot (unnormalised dot product)."""
+    prompt_logit_mode: str = "cosine_scaled"
+    """Prompt-stage logits: cosine_scaled (cosine x logit scale) or raw_dot (unnormalised features, temperature 1, official)."""
     center_lr: float = 0.5
     """SGD learning rate of the class centers."""
     center_loss_weight: float = 0.0003
@@ -227,6 +287,8 @@ class Config:
     """Scale of the image-text cosine logits; null means CLIP's learned logit_scale."""
     max_rank: int = 50
     """Longest CMC curve computed in validation."""
+    select_metric: str = "rank1"
+    """Validation metric that picks the BEST checkpoint: rank1 or mAP."""
 
     tune: TuneConfig = field(default_factory=TuneConfig)
     """Settings of ``workbench tune``."""
@@ -272,11 +334,42 @@ class Config:
         for key in ("log_every", "test_batch_size", "max_rank", "synth_identities", "synth_images_per_identity"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("flip_prob", "random_erasing", "label_smoothing"):
+        for key in ("flip_prob", "random_erasing", "label_smoothing", "i2t_label_smoothing"):
             if not 0 <= getattr(self, key) <= 1:
                 bad(key, f"must be within [0, 1], got {getattr(self, key)}")
-        if self.eval_neck_feat not in ("before", "after"):
-            bad("eval_neck_feat", f"must be before or after, got {self.eval_neck_feat!r}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                bad(key, f"unknown value {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        for key in ("id_loss_weight", "triplet_loss_weight", "i2t_loss_weight", "t2i_loss_weight", "lr_gamma",
+                    "bias_lr_factor"):
+            if getattr(self, key) < 0 or (key in ("lr_gamma", "bias_lr_factor") and getattr(self, key) == 0):
+                bad(key, f"must be {'positive' if key in ('lr_gamma', 'bias_lr_factor') else '>= 0'}, "
+                         f"got {getattr(self, key)}")
+        for key in ("pixel_mean", "pixel_std"):
+            value = getattr(self, key)
+            if len(value) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value) or \
+                    (key == "pixel_std" and min(value) <= 0):
+                bad(key, f"must be three numbers{' > 0' if key == 'pixel_std' else ''}, got {value}")
+        if self.triplet_margin is not None and self.triplet_margin < 0:
+            bad("triplet_margin", f"must be >= 0 or null (soft margin), got {self.triplet_margin}")
+        if self.weight_decay_bias is not None and self.weight_decay_bias < 0:
+            bad("weight_decay_bias", f"must be >= 0, got {self.weight_decay_bias}")
+        for key in ("warmup_factor", "warmup_factor_prompt"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value <= 1:
+                bad(key, f"must be within (0, 1], got {value}")
+        if self.warmup_epochs_prompt is not None and self.warmup_epochs_prompt < 0:
+            bad("warmup_epochs_prompt", f"must be >= 0, got {self.warmup_epochs_prompt}")
+        if self.lr_schedule == "multistep":
+            if not self.lr_steps or any(not isinstance(e, int) or isinstance(e, bool) for e in self.lr_steps):
+                bad("lr_steps", f"multistep needs a list of epochs, got {self.lr_steps}")
+            if sorted(self.lr_steps) != list(self.lr_steps) or not 0 < self.lr_steps[0] or \
+                    self.lr_steps[-1] > self.epochs_image:
+                bad("lr_steps", f"must increase within 1..epochs_image ({self.epochs_image}), got {self.lr_steps}")
+        if self.val_identities < 0 or (self.val_identities >= 1 and not float(self.val_identities).is_integer()):
+            bad("val_identities", f"must be 0, a fraction below 1 or a whole count, got {self.val_identities}")
+        if "t2i" in self.losses and self.i2t_mode == "all_classes":
+            bad("i2t_mode", "all_classes has no t2i term (as the official stage 2); remove t2i from loss_list")
         if self.arcface_scale <= 0 or not 0 <= self.arcface_margin < 1.6:
             bad("arcface_margin" if self.arcface_scale > 0 else "arcface_scale",
                 "scale must be > 0 and margin within [0, 1.6) radians")
@@ -291,6 +384,11 @@ class Config:
     def losses(self) -> tuple[str, ...]:
         """loss_list with aliases resolved, in canonical order."""
         return resolve_loss_list(self.loss_list)
+
+    @property
+    def has_holdout(self) -> bool:
+        """Whether selection reads a validation split (val_identities or a val/ folder decide at run time)."""
+        return self.val_identities > 0
 
     @property
     def prompt_lr(self) -> float:
