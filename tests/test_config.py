@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from workbench import config
@@ -88,3 +90,37 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [f for f in Config().to_dict() if f"`{f}`" not in readme]
     assert not missing, f"README config reference lacks {missing}"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("id_head=cosface", "id_head"), ("train_feature=unit", "train_feature"), ("test_feature=all", "test_feature"),
+    ("i2t_mode=global", "i2t_mode"), ("prompt_logit_mode=dot", "prompt_logit_mode"),
+    ("lr_schedule=step", "lr_schedule"), ("select_metric=rank5", "select_metric"), ("warmup_factor=0", "warmup_factor"),
+    ("id_loss_weight=-1", "id_loss_weight"), ("val_identities=2.5", "val_identities"),
+    ("val_identities=-1", "val_identities"), ("pixel_std=[0.5, 0.5]", "pixel_std"),
+    ("i2t_label_smoothing=1.5", "i2t_label_smoothing"), ("bias_lr_factor=0", "bias_lr_factor"),
+])
+def test_recipe_keys_are_validated(override, key):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [override])
+    assert str(err.value).startswith(key)
+
+
+def test_recipe_cross_field_checks():
+    with pytest.raises(ConfigError, match="^lr_steps"):
+        config.load(None, ["lr_schedule=multistep"])
+    with pytest.raises(ConfigError, match="^lr_steps"):
+        config.load(None, ["lr_schedule=multistep", "lr_steps=[30, 20]"])
+    with pytest.raises(ConfigError, match="^lr_steps"):
+        config.load(None, ["lr_schedule=multistep", "lr_steps=[30, 50]", "epochs_image=40"])
+    with pytest.raises(ConfigError, match="^i2t_mode: all_classes has no t2i"):
+        config.load(None, ["i2t_mode=all_classes"])
+    cfg = config.load(None, ["i2t_mode=all_classes", "loss_list=[id, triplet, i2t]", "triplet_margin=null"])
+    assert cfg.losses == ("id", "triplet", "i2t") and cfg.triplet_margin is None
+    assert config.load(None, ["val_identities=12"]).has_holdout and not config.load(None).has_holdout
+
+
+@pytest.mark.parametrize("path", sorted(Path("experiments").glob("*.yaml")))
+def test_every_experiment_loads_with_a_holdout(path):
+    cfg = config.load(path)
+    assert cfg.has_holdout, f"{path} selects on the test split"

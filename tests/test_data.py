@@ -1,10 +1,13 @@
+import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from workbench.data import (DataError, IdentitySampler, ImageDataset, build_loaders, build_transforms,
+from PIL import Image
+
+from workbench.data import (CLIP_MEAN, CLIP_STD, DataError, IdentitySampler, ImageDataset, build_loaders, build_transforms,
                             camera_of, load_reid_dataset, synthesize_dataset)
 
 
@@ -63,3 +66,139 @@ def test_transforms_and_loaders(synth_root):
     q = next(iter(loaders.query))[0]
     assert q.shape[1:] == (3, 64, 32)
     assert loaders.train_eval.dataset.labels == data.train_labels
+
+
+def _check_holdout(data, expected_ids: int, images_per_id: int = 4):
+    held = {r.pid for r in data.val_gallery}
+    assert data.val_source == "holdout" and data.has_validation and data.val_has_cameras
+    assert len(held) == len(data.val_gallery) == expected_ids  # one gallery image per held-out identity
+    assert {r.pid for r in data.val_query} == held and len(data.val_query) == expected_ids * (images_per_id - 1)
+    assert not {r.path for r in data.val_query} & {r.path for r in data.val_gallery}
+    assert not held & {r.pid for r in data.train} and not held & set(data.classnames)
+    assert data.classnames == sorted({r.pid for r in data.train}) and data.num_classes == 8 - expected_ids
+    assert sorted(set(data.train_labels)) == list(range(data.num_classes))
+    assert len(data.train) + len(data.val_query) + len(data.val_gallery) == 8 * images_per_id
+
+
+def _split(data):
+    return [r.path for r in data.val_query], [r.path for r in data.val_gallery]
+
+
+def test_holdout_by_count_is_seeded_and_identity_disjoint(synth_root):
+    data = load_reid_dataset(synth_root, val_identities=3, val_seed=0)
+    _check_holdout(data, 3)
+    assert _split(load_reid_dataset(synth_root, val_identities=3, val_seed=0)) == _split(data)
+    assert _split(load_reid_dataset(synth_root, val_identities=3, val_seed=1)) != _split(data)
+    plain = load_reid_dataset(synth_root)
+    assert plain.val_source == "none" and not plain.has_validation and plain.num_classes == 8
+
+
+def test_holdout_by_fraction(synth_root):
+    _check_holdout(load_reid_dataset(synth_root, val_identities=0.25, val_seed=5), 2)
+    _check_holdout(load_reid_dataset(synth_root, val_identities=0.01), 1)  # rounds to 0, at least 1
+
+
+def test_holdout_errors_and_single_image_distractor(synth_root, tmp_path):
+    for bad in (7, 8, 2.5, -1):
+        with pytest.raises(DataError, match="val_identities"):
+            load_reid_dataset(synth_root, val_identities=bad)
+    held = sorted(r.pid for r in load_reid_dataset(synth_root, val_identities=3).val_gallery)
+    root = tmp_path / "d"
+    shutil.copytree(synth_root, root)
+    for pid in held[1:]:  # single-image identities: gallery distractors
+        for image in sorted((root / "train" / pid).iterdir())[1:]:
+            image.unlink()
+    data = load_reid_dataset(root, val_identities=3)
+    assert sorted(r.pid for r in data.val_gallery) == held
+    assert {r.pid for r in data.val_query} == {held[0]} and len(data.val_query) == 3
+    for image in sorted((root / "train" / held[0]).iterdir())[1:]:
+        image.unlink()
+    with pytest.raises(DataError, match="nothing to evaluate"):
+        load_reid_dataset(root, val_identities=3)
+
+
+def _with_val(synth_root, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("query", "gallery"))
+    for split in ("query", "gallery"):
+        (root / split).symlink_to(synth_root / split)
+    return root
+
+
+def test_val_folder_query_gallery_layout(synth_root, tmp_path):
+    root = _with_val(synth_root, tmp_path)
+    pids = sorted(p.name for p in (synth_root / "query").iterdir())[:3]
+    for split in ("query", "gallery"):
+        for pid in pids:
+            shutil.copytree(synth_root / split / pid, root / "val" / split / pid)
+    data = load_reid_dataset(root)
+    assert data.val_source == "folder" and data.has_validation and data.val_has_cameras
+    assert {r.pid for r in data.val_query} == {r.pid for r in data.val_gallery} == set(pids)
+    assert len(data.val_query) == 3 * 2 and len(data.val_gallery) == 3 * 4  # used as is
+    assert data.num_classes == 8 and len(data.train) == 32
+    assert load_reid_dataset(root, val_identities=2).val_source == "holdout"  # an explicit hold-out wins
+
+
+def test_val_folder_identity_layout(synth_root, tmp_path):
+    root = _with_val(synth_root, tmp_path)
+    pids = sorted(p.name for p in (synth_root / "gallery").iterdir())[:3]
+    for pid in pids:
+        shutil.copytree(synth_root / "gallery" / pid, root / "val" / pid)
+    data = load_reid_dataset(root, val_seed=0)
+    assert data.val_source == "folder" and data.has_validation
+    assert sorted(r.pid for r in data.val_gallery) == pids and len(data.val_query) == 3 * 3
+    assert {r.pid for r in data.val_query} == set(pids)
+    assert _split(load_reid_dataset(root, val_seed=0)) == _split(data)
+    assert data.num_classes == 8
+
+
+def test_loaders_expose_validation(synth_root):
+    kwargs = dict(image_size=(64, 32), batch_size=8, num_instances=2, test_batch_size=16, num_workers=0, seed=0)
+    plain = build_loaders(load_reid_dataset(synth_root), **kwargs)
+    assert plain.val_query is None and plain.val_gallery is None
+    data = load_reid_dataset(synth_root, val_identities=2)
+    loaders = build_loaders(data, **kwargs)
+    assert loaders.val_query.dataset.records == data.val_query
+    assert loaders.val_gallery.dataset.records == data.val_gallery
+    assert set(loaders.val_query.dataset.labels) == {-1}  # never scored against training classes
+    images = next(iter(loaders.val_gallery))[0]
+    assert images.shape == (2, 3, 64, 32)
+
+
+def test_pixel_mean_and_std(synth_root):
+    grey = Image.new("RGB", (32, 64), (51, 102, 204))
+    x = build_transforms((64, 32), False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(grey)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([-0.6, -0.2, 0.6]), atol=1e-5)
+    kwargs = dict(image_size=(64, 32), batch_size=8, num_instances=2, test_batch_size=4, num_workers=0, seed=0)
+    data = load_reid_dataset(synth_root)
+    clip = next(iter(build_loaders(data, **kwargs).query))[0]
+    half = next(iter(build_loaders(data, pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3, **kwargs).query))[0]
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    assert torch.allclose((clip * std + mean - 0.5) / 0.5, half, atol=1e-5)
+    torch.manual_seed(0)
+    train_half = next(iter(build_loaders(data, pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3, flip_prob=0, pad=0,
+                                         random_erasing=0, **kwargs).train))[0]
+    assert train_half.min() >= -1 - 1e-5 and train_half.max() <= 1 + 1e-5 and train_half.min() < -0.75
+
+
+@pytest.mark.parametrize("labels, batch_size, num_instances", [
+    (np.repeat(np.arange(10), [6, 6, 4, 4, 3, 8, 5, 2, 4, 4]), 8, 2),  # today len 5, yields 4 in epoch 0
+    (np.repeat(np.arange(10), [6, 6, 4, 4, 3, 8, 5, 2, 4, 4]), 4, 2),
+    (np.repeat(np.arange(10), [6, 6, 4, 4, 3, 8, 5, 2, 4, 4]), 12, 4),
+] + [(np.repeat(np.arange(n), np.random.default_rng(seed).integers(1, 20, n)), 8, 4)
+     for seed, n in ((2, 13), (3, 12), (4, 11), (7, 6))])
+def test_pk_sampler_length_matches_batches(labels, batch_size, num_instances):
+    sampler = IdentitySampler(labels, batch_size=batch_size, num_instances=num_instances, seed=0)
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        announced = len(sampler)
+        batches = list(sampler)
+        assert announced == len(batches) > 0
+        for batch in batches:
+            counts = Counter(labels[batch].tolist())
+            assert len(counts) == batch_size // num_instances and set(counts.values()) == {num_instances}
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(3)
+    sampler.set_epoch(2)
+    assert list(sampler) == first

@@ -83,3 +83,35 @@ def test_prompt_l2_and_build_loss():
     assert float(prompt_l2(ctx)) == (1 + 4 + 9 + 16) / 4
     losses = build_loss(["id", "i2t"])
     assert losses.id and losses.i2t and not losses.triplet and losses.needs_text
+
+
+def reference_label_smooth_ce(logits, targets, epsilon):
+    """CLIP-ReID's CrossEntropyLabelSmooth: t = (1 - eps) onehot + eps / K, (-t log_softmax).mean(0).sum()."""
+    log_probs = torch.log_softmax(logits, dim=1)
+    onehot = torch.zeros_like(log_probs).scatter_(1, targets.unsqueeze(1), 1)
+    smoothed = (1 - epsilon) * onehot + epsilon / logits.shape[1]
+    return (-smoothed * log_probs).mean(0).sum()
+
+
+def test_i2t_over_all_classes_is_the_official_stage2_loss():
+    from workbench.losses import i2t_all_classes_loss
+
+    g = torch.Generator().manual_seed(3)
+    image, text = torch.randn(6, 16, generator=g) * 4, torch.randn(5, 16, generator=g) * 3  # raw features
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    ours = i2t_all_classes_loss(image, text, labels, scale=1.0, label_smoothing=0.1)
+    assert torch.allclose(ours, reference_label_smooth_ce(image @ text.T, labels, 0.1), atol=1e-5)
+    assert torch.allclose(id_loss(image @ text.T, labels, 0.1), reference_label_smooth_ce(image @ text.T, labels, 0.1),
+                          atol=1e-5)
+
+
+def test_soft_margin_triplet():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 5, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    dist = torch.cdist(x, x)
+    same = labels[:, None] == labels[None, :]
+    ap = torch.where(same, dist, torch.full_like(dist, -1)).amax(1)
+    an = torch.where(~same, dist, torch.full_like(dist, 1e9)).amin(1)
+    reference = torch.nn.SoftMarginLoss()(an - ap, torch.ones_like(ap))
+    assert torch.allclose(triplet_loss(x, labels, margin=None), reference, atol=1e-5)

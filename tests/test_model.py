@@ -4,7 +4,7 @@ import torch
 from workbench.config import ConfigError
 from workbench.model import (ArcFace, PromptLearner, all_text_features, encode_prompt_embeddings,
                              freeze_entire_clip_model, load_clip_with_patch, register_bnneck_and_arcface,
-                             resolve_model_name, text_features, unfreeze_clip_image_encoder)
+                             register_model_configs, resolve_model_name, text_features, unfreeze_clip_image_encoder)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +83,155 @@ def test_real_architectures_at_256x128_with_a_local_weights_file(name, tmp_path)
         # the class token is kept; the grid is interpolated from the pretrained 7x7
         assert torch.equal(model.visual.attnpool.positional_embedding[0],
                            square.visual.attnpool.positional_embedding[0])
+
+
+# ----------------------------------------------------------------------------- activation of local weights
+
+OPENAI_ONLY = {"input_resolution": torch.tensor(64), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}
+
+
+def _module_holding(state_dict):
+    """A module whose state_dict() is ``state_dict``: enough for a real TorchScript archive."""
+    root = torch.nn.Module()
+    for key, value in state_dict.items():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_buffer(leaf, value)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """One set of random wb-tiny weights as an open_clip state dict, an OpenAI-layout state dict
+    and an OpenAI TorchScript archive."""
+    import warnings
+
+    import open_clip
+
+    register_model_configs()
+    torch.manual_seed(0)
+    weights = open_clip.create_model("wb-tiny").state_dict()
+    folder = tmp_path_factory.mktemp("weights")
+    files = {name: folder / f"{name}.pt" for name in ("open_clip", "openai_dict", "openai_jit")}
+    torch.save(weights, files["open_clip"])
+    torch.save({**weights, **OPENAI_ONLY}, files["openai_dict"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(_module_holding({**weights, **OPENAI_ONLY})).save(str(files["openai_jit"]))
+    return files
+
+
+def _activations(model):
+    import open_clip
+
+    acts = [m.mlp.gelu for m in [*model.visual.transformer.resblocks, *model.transformer.resblocks]]
+    assert len({type(a) for a in acts}) == 1
+    return "QuickGELU" if isinstance(acts[0], open_clip.transformer.QuickGELU) else "GELU"
+
+
+def _features(model):
+    import open_clip
+
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 32)
+    tokens = open_clip.get_tokenizer("wb-tiny")(["a photo of a hand", "a person"])
+    with torch.no_grad():
+        return torch.cat([model.encode_image(images), model.encode_text(tokens)])
+
+
+def _open_clip_reference(path, quick_gelu):
+    import open_clip
+
+    model = open_clip.create_model("wb-tiny", pretrained=str(path), force_quick_gelu=quick_gelu,
+                                   force_image_size=(64, 32))
+    return _features(model.eval())
+
+
+@pytest.mark.parametrize("kind", ["openai_dict", "openai_jit"])
+def test_openai_weights_load_as_quick_gelu(kind, tiny_files):
+    lines = []
+    model = load_clip_with_patch("wb-tiny", pretrained=str(tiny_files[kind]), image_size=(64, 32), log=lines.append)
+    assert _activations(model) == "QuickGELU"
+    ours = _features(model.eval())
+    assert torch.allclose(ours, _open_clip_reference(tiny_files["open_clip"], quick_gelu=True), atol=1e-5)
+    assert not torch.allclose(ours, _open_clip_reference(tiny_files["open_clip"], quick_gelu=False), atol=1e-3)
+    reason = "TorchScript archive" if kind == "openai_jit" else "OpenAI's layout"
+    assert any(line.startswith("activation: QuickGELU (") and reason in line for line in lines), lines
+
+
+def test_open_clip_state_dict_is_gelu_unless_the_key_says_otherwise(tiny_files):
+    lines = []
+    gelu = load_clip_with_patch("wb-tiny", pretrained=str(tiny_files["open_clip"]), image_size=(64, 32),
+                                log=lines.append)
+    assert _activations(gelu) == "GELU"
+    assert torch.allclose(_features(gelu.eval()), _open_clip_reference(tiny_files["open_clip"], False), atol=1e-5)
+    assert [line for line in lines if line.startswith("activation:")] == [
+        "activation: GELU (model name wb-tiny has no OpenAI weights)"]
+    lines.clear()
+    quick = load_clip_with_patch("wb-tiny", pretrained=str(tiny_files["open_clip"]), image_size=(64, 32),
+                                 quick_gelu=True, log=lines.append)
+    assert _activations(quick) == "QuickGELU"
+    assert "activation: QuickGELU (quick_gelu key)" in lines
+
+
+def test_forcing_gelu_on_openai_weights_warns(tiny_files):
+    lines = []
+    model = load_clip_with_patch("wb-tiny", pretrained=str(tiny_files["openai_jit"]), image_size=(64, 32),
+                                 quick_gelu=False, log=lines.append)
+    assert _activations(model) == "GELU"
+    assert any("warning" in line and "QuickGELU" in line for line in lines), lines
+
+
+def test_resolve_weights_defaults_by_model_name_and_tag():
+    from workbench.model import resolve_weights
+
+    weights, quick, reason = resolve_weights("ViT-B-16", None)
+    assert (weights, quick) == (None, False)
+    assert resolve_weights("RN50-quickgelu", None)[1] is True
+    assert resolve_weights("ViT-B-16", "openai")[:2] == ("openai", True)
+    weights, quick, reason = resolve_weights("ViT-B-16", "laion2b_s34b_b88k")
+    assert (weights, quick, reason) == ("laion2b_s34b_b88k", False, "open_clip tag laion2b_s34b_b88k")
+    assert resolve_weights("ViT-B-16", "laion2b_s34b_b88k", quick_gelu=True)[1:] == (True, "quick_gelu key")
+
+
+def test_open_clip_state_dict_default_follows_the_model_name(tmp_path):
+    """A ViT-B-16 (OpenAI-named) state dict without the OpenAI keys defaults to QuickGELU."""
+    from workbench.model import resolve_weights
+
+    path = tmp_path / "w.pt"
+    torch.save({"module.logit_scale": torch.tensor(1.0)}, path)
+    weights, quick, reason = resolve_weights("ViT-B-16", str(path))
+    assert list(weights) == ["logit_scale"] and quick is True
+    assert "OpenAI architecture" in reason and "quick_gelu: false" in reason
+    weights, quick, reason = resolve_weights("ViT-B-16", str(path), quick_gelu=False)
+    assert quick is False and reason == "quick_gelu key"
+    torch.save({"state_dict": {"logit_scale": torch.tensor(1.0)}}, path)
+    assert resolve_weights("wb-tiny", str(path))[:2] == ({"logit_scale": torch.tensor(1.0)}, False)
+
+
+def test_bad_weights_files_are_model_errors(tmp_path, tiny_files):
+    from workbench.model import ModelError
+
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(ModelError, match="cannot load"):
+        load_clip_with_patch("wb-tiny", pretrained=str(path), image_size=(64, 32))
+    with pytest.raises(ModelError, match="cannot load"):
+        load_clip_with_patch("wb-tiny-rn", pretrained=str(tiny_files["openai_jit"]), image_size=(64, 32))
+
+
+@pytest.mark.parametrize("name", ["wb-tiny", "wb-tiny-rn"])
+def test_image_parts_project_to_encode_image(name):
+    from workbench.model import encode_image_parts, infer_feat_dims
+
+    model = load_clip_with_patch(name, "cpu", pretrained=None, image_size=(64, 32)).eval()
+    images = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        pre, proj = encode_image_parts(model, images)
+        assert torch.allclose(proj, model.encode_image(images), atol=1e-5)
+    assert (pre.shape[1], proj.shape[1]) == infer_feat_dims(model, (64, 32))
+    assert not torch.allclose(pre, proj) if pre.shape == proj.shape else True  # the projection is applied

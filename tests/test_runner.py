@@ -43,6 +43,12 @@ def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path, capsys):
     assert run.data.params["tune.metric"] == "best_mAP" and "loss_list" in run.data.params
     for tag in ("stage_mode", "model", "dataset", "aspect", "git_commit", "config_hash"):
         assert tag in run.data.tags, tag
+    # selection read the validation hold-out; the test split was evaluated once, at the end
+    assert run.data.tags["selection"] == "val" and run.data.tags["select_metric"] == tiny_config.select_metric
+    for key in ("test_rank1", "test_rank5", "test_rank10", "test_mAP", "test_mINP", "final_test_mAP"):
+        assert run.data.metrics[key] == pytest.approx(result[key]), key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
+    assert run.data.metrics["num_val_query"] > 0 and run.data.metrics["num_val_gallery"] == 2
     assert run.data.tags["config_hash"] == tiny_config.hash()
     stem = run.info.run_name
     names = set(artifact_names(client, run.info.run_id))
@@ -57,9 +63,16 @@ def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path, capsys):
     # the BEST checkpoint evaluates to the numbers it was saved with
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(tiny_config.to_yaml())
-    assert main(["eval", str(cfg_path), "--checkpoint", str(run_dir / f"{stem}_BEST.pth")]) == 0
+    assert main(["eval", str(cfg_path), "--checkpoint", str(run_dir / f"{stem}_BEST.pth"), "--split", "val"]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert out.startswith(f"rank1 {result['best_rank1']:.2f}") and f"mAP {result['best_mAP']:.2f}" in out
+    # ... and on the test split to the test numbers the run logged for it
+    assert main(["eval", str(cfg_path), "--checkpoint", str(run_dir / f"{stem}_BEST.pth")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.startswith(f"rank1 {result['test_rank1']:.2f}") and f"mAP {result['test_mAP']:.2f}" in out
+    assert main(["eval", str(cfg_path), "--checkpoint", str(run_dir / f"{stem}_FINAL.pth")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"mAP {result['final_test_mAP']:.2f}" in out
 
 
 @pytest.mark.parametrize("mode, extra", [("prompt_only", []), ("image_only", ["epochs_prompt=0"])])
@@ -69,12 +82,37 @@ def test_stage_modes(tiny_config, mode, extra):
     tracker = RecordingTracker()
     result = train_joint(cfg, tracker)
     keys = set(tracker.history)
+    log = next(Path(result["run_dir"]).glob("*.log")).read_text()
     if mode == "prompt_only":
         assert "prompt_loss" in keys and "id_loss" not in keys and result["image_stage_seconds"] is None
+        # image-to-prompt retrieval on training identities is not a ReID result: never best_*
+        assert {"prompt_rank1", "prompt_mAP"} <= keys and not {"best_rank1", "best_mAP"} & keys
+        assert result["best_rank1"] is None and "selection" not in tracker.tags
     else:
         assert "prompt_loss" not in keys and "id_loss" in keys and result["prompt_stage_seconds"] is None
-        assert tracker.history["i2t_loss"][0][1] == 0.0  # no trained prompt: no text losses
+        assert tracker.history["i2t_loss"][0][1] == 0.0  # no trained prompt: no text losses ...
+        assert "i2t/t2i losses are off" in log  # ... and the log says so
     assert tracker.status == "FINISHED"
+
+
+def test_without_a_holdout_selection_reads_the_test_split_and_says_so(tiny_config):
+    tracker = RecordingTracker()
+    result = train_joint(config.replace(tiny_config, val_identities=0, save_checkpoints=False, epochs_prompt=1),
+                         tracker)
+    log = next(Path(result["run_dir"]).glob("*.log")).read_text()
+    assert tracker.tags["selection"] == "test" and result["selection"] == "test"
+    assert "warning: no validation split" in log
+    assert result["test_rank1"] == pytest.approx(result["best_rank1"])  # BEST re-evaluated on the same split
+
+
+def test_select_metric_picks_the_epoch_with_the_best_of_that_metric(tiny_config):
+    tracker = RecordingTracker()
+    result = train_joint(config.replace(tiny_config, select_metric="mAP", save_checkpoints=False, epochs_prompt=1,
+                                        epochs_image=3), tracker)
+    maps = dict(tracker.history["mAP"])
+    best_epoch = max(maps, key=lambda e: (maps[e], -e))
+    assert result["best_epoch"] == best_epoch and result["best_mAP"] == pytest.approx(maps[best_epoch])
+    assert tracker.tags["select_metric"] == "mAP" and tracker.tags["selection"] == "val"
 
 
 def test_cli_run_prints_metrics_and_run_id(tiny_config, tmp_path, capsys):
@@ -84,7 +122,7 @@ def test_cli_run_prints_metrics_and_run_id(tiny_config, tmp_path, capsys):
     assert main(["run", str(cfg_path), "--set", "epochs_image=1", "--set", "save_checkpoints=false",
                  "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "best rank1" in out and "MLflow run" in out
+    assert "best val rank1" in out and "test  BEST  rank1" in out and "MLflow run" in out
     run_id = out.split("MLflow run ")[1].split()[0]
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
 

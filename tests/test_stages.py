@@ -93,3 +93,90 @@ def test_image_stage_trains_what_the_settings_say():
     names, _ = trained(train_text_encoder=True, freeze_prompt=False)
     assert {"transformer", "token_embedding", "ln_final", "ctx"} <= names
     assert "logit_scale" not in names
+
+
+def official_warmup_multistep(epoch, milestones, gamma, warmup_factor, warmup_iters):
+    """The official CLIP-ReID WarmupMultiStepLR factor at its last_epoch ``epoch`` (linear warm-up)."""
+    import bisect
+
+    factor = 1.0
+    if epoch < warmup_iters:
+        alpha = epoch / warmup_iters
+        factor = warmup_factor * (1 - alpha) + alpha
+    return factor * gamma ** bisect.bisect_right(milestones, epoch)
+
+
+def test_multistep_schedule_against_the_official_formula():
+    from workbench.stages import lr_factor
+
+    ours = [lr_factor(e, 60, 10, 5e-6, 1e-6, 0.1, "multistep", (30, 50), 0.1) for e in range(60)]
+    assert ours[0] == pytest.approx(0.1)  # the warm-up starts at warmup_factor
+    for e in range(10):  # the official's epoch e+1 runs at its factor for last_epoch e+1: one epoch ahead
+        assert ours[e] == pytest.approx(official_warmup_multistep(e, [30, 50], 0.1, 0.1, 10))
+    for e in range(10, 60):  # after warm-up the decays fall on the same (1-based) epochs 30 and 50
+        assert ours[e] == pytest.approx(official_warmup_multistep(e + 1, [30, 50], 0.1, 0.1, 10))
+    assert ours[28] == 1.0 and ours[29] == pytest.approx(0.1) and ours[49] == pytest.approx(0.01)
+    # the default warm-up factor keeps the original ramp (e + 1) / (w + 1)
+    assert [lr_factor(e, 10, 3, 1e-3, 1e-6) for e in range(3)] == pytest.approx([1 / 4, 2 / 4, 3 / 4])
+
+
+def official_settings(**changes):
+    base = dict(epochs=1, lr=1e-4, loss_list=("id", "triplet", "i2t"), log_every=1, id_head_linear=True)
+    base.pop("id_head_linear")
+    base.update(i2t_mode="all_classes", i2t_logit_mode="raw_dot", i2t_label_smoothing=0.1, label_smoothing=0.1,
+                train_feature="raw", pre_proj=True, bias_lr_factor=2.0, weight_decay_bias=5e-4,
+                loss_weights={"id": 0.25, "triplet": 1.0, "i2t": 1.0, "t2i": 1.0}, lr_schedule="multistep",
+                lr_steps=(1,), warmup_epochs=0)
+    base.update(changes)
+    return ImageStageSettings(**base)
+
+
+def test_official_recipe_trains_its_head_and_losses(two_ids, tmp_path):
+    from workbench.evaluation import FeatureSpec, extract_features
+    from workbench.model import head_branches, infer_feat_dims
+    from workbench.stages import _image_stage_trainables, _param_groups
+
+    data = load_reid_dataset(two_ids)
+    loaders = build_loaders(data, image_size=(64, 32), batch_size=4, num_instances=2, test_batch_size=8,
+                            num_workers=0, seed=0)
+    model = load_clip_with_patch("wb-tiny", "cpu", pretrained=None, image_size=(64, 32))
+    prompt = PromptLearner(data.classnames, model, 4, "{aspect} hand", "dorsal", "wb-tiny")
+    register_bnneck_and_arcface(model, data.num_classes, (64, 32), id_head="linear", pre_proj_branch=True)
+    pre_dim, proj_dim = infer_feat_dims(model, (64, 32))
+    assert not hasattr(model, "arcface") and model.classifier.bias is None
+    assert [(b.num_features, c.in_features) for b, c in head_branches(model)] == [(proj_dim, proj_dim),
+                                                                                  (pre_dim, pre_dim)]
+    settings = official_settings()
+    params = _image_stage_trainables(model, prompt, settings, print)
+    groups = _param_groups(model, prompt, params, settings)
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-4), pytest.approx(2e-4)]
+    assert groups[1]["weight_decay"] == 5e-4 and groups[0]["weight_decay"] == 1e-4
+    assert id(model.classifier_pre.weight) in {id(p) for p in groups[0]["params"]}
+    tracker = RecordingTracker()
+    result = train_clipreid_image_stage(model, prompt, loaders, settings, torch.device("cpu"), tracker,
+                                        log=lambda _: None)
+    history = tracker.history
+    assert history["i2t_loss"][0][1] > 0 and history["t2i_loss"][0][1] == 0 and history["center_loss"][0][1] == 0
+    assert result["selection"] == "test" and set(result) >= {"test_rank1", "final_test_mAP", "best_mINP"}
+    feats = extract_features(model, loaders.query, torch.device("cpu"), settings.feature_spec)
+    assert feats.shape == (len(data.query), pre_dim + proj_dim)
+    assert torch.allclose(feats.norm(dim=1), torch.ones(len(data.query)), atol=1e-5)
+    after = extract_features(model, loaders.query, torch.device("cpu"), FeatureSpec("after", False, True))
+    assert after.shape == feats.shape and not torch.allclose(after, feats)
+
+
+def test_prompt_stage_keeps_the_last_partial_batch_and_logs_class_variance(two_ids):
+    data = load_reid_dataset(two_ids)  # 4 training images
+    loaders = build_loaders(data, image_size=(64, 32), batch_size=4, num_instances=2, test_batch_size=8,
+                            num_workers=0, seed=0)
+    model = load_clip_with_patch("wb-tiny", "cpu", pretrained=None, image_size=(64, 32))
+    prompt = PromptLearner(data.classnames, model, 2, "{aspect} hand", "dorsal", "wb-tiny")
+    tracker = RecordingTracker()
+    for mode in ("cosine_scaled", "raw_dot"):
+        result = train_clipreid_prompt_stage(
+            model, prompt, loaders.train_eval, PromptStageSettings(epochs=2, lr=1e-3, batch_size=3, log_every=1,
+                                                                   logit_mode=mode),
+            torch.device("cpu"), tracker, log=lambda _: None)
+        assert result["steps"] == 4  # 4 images in batches of 3: 2 batches an epoch, the partial one too
+    assert len(tracker.history["prompt_class_var"]) == 8
+    assert all(v > 0 for _, v in tracker.history["prompt_class_var"])

@@ -185,6 +185,20 @@ def test_cli_tune_and_compare(tune_config, tmp_path, monkeypatch, capsys):
     assert main(["tune", str(cfg_path), "--trials", "0", "--tracking-uri", uri]) == 2
 
 
+def test_tune_refuses_to_select_on_the_test_split(tune_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg_path = tmp_path / "nohold.yaml"
+    cfg_path.write_text(config.replace(tune_config, val_identities=0, epochs_image=1, save_checkpoints=False).to_yaml())
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["tune", str(cfg_path), "--trials", "1", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "val_identities" in err and "--select-on-test" in err
+    assert not (tmp_path / "studies").exists()  # refused before anything was created
+    assert main(["tune", str(cfg_path), "--trials", "1", "--tracking-uri", uri, "--select-on-test"]) == 0
+    assert main(["tune", str(cfg_path), "--trials", "1", "--set", "stage_mode=prompt_only",
+                 "--tracking-uri", uri]) == 2
+
+
 def test_workbench_ui_serves_the_tracking_store(tmp_path):
     import socket
     import time

@@ -41,11 +41,16 @@ def cmd_run(args) -> int:
 
 
 def _report(result: dict, tracker) -> int:
-    print(f"best rank1 {result['best_rank1']:.2f}  best mAP {result['best_mAP']:.2f}  "
-          f"(epoch {result['best_epoch']})")
+    from .runner import summary_line
+
+    print(summary_line(result))
     if result.get("final_rank1") is not None:
-        print(f"final rank1 {result['final_rank1']:.2f}  rank5 {result['final_rank5']:.2f}  "
+        print(f"final {result['selection']} rank1 {result['final_rank1']:.2f}  rank5 {result['final_rank5']:.2f}  "
               f"rank10 {result['final_rank10']:.2f}  mAP {result['final_mAP']:.2f}")
+        print("test  BEST  rank1 {test_rank1:.2f}  rank5 {test_rank5:.2f}  rank10 {test_rank10:.2f}  mAP {test_mAP:.2f}"
+              "  mINP {test_mINP:.2f}".format(**result))
+        print("test  FINAL rank1 {final_test_rank1:.2f}  rank5 {final_test_rank5:.2f}  rank10 {final_test_rank10:.2f}"
+              "  mAP {final_test_mAP:.2f}  mINP {final_test_mINP:.2f}".format(**result))
     print(f"wall time {result['total_seconds']:.1f}s  files in {result['run_dir']}")
     print(f"MLflow run {result['run_id']} at {tracker.tracking_uri}")
     return 0
@@ -84,6 +89,11 @@ def cmd_tune(args) -> int:
     cfg = config.load(args.config, args.set)
     if args.trials < 1:
         raise config.ConfigError(f"--trials: must be >= 1, got {args.trials}")
+    if not cfg.trains_image:
+        raise config.ConfigError(f"stage_mode: {cfg.stage_mode} has no image stage, so no ReID metric to tune")
+    if not (cfg.has_holdout or (Path(cfg.data_root) / "val").is_dir()) and not args.select_on_test:
+        raise config.ConfigError("val_identities: tuning needs a validation hold-out (set val_identities, e.g. 0.2) "
+                                 "so that trials are not chosen on the test split; --select-on-test to do it anyway")
     options = TuneOptions(trials=args.trials, study_name=args.study_name or _study_name(args.config, args.set),
                           storage=args.storage, n_jobs=args.n_jobs, timeout=args.timeout, pruner=args.pruner,
                           sampler=args.sampler, tracking_uri=resolve_tracking_uri(args.tracking_uri, cfg),
@@ -171,23 +181,24 @@ def cmd_eval(args) -> int:
 
     from . import config
     from .checkpoint import load_checkpoint
-    from .data import load_reid_dataset
     from .evaluation import validate
-    from .runner import build_model_and_loaders, ensure_dataset, seed_everything, select_device
+    from .runner import build_model_and_loaders, ensure_dataset, load_data, seed_everything, select_device
+    from .stages import ImageStageSettings, eval_splits
 
     cfg = config.load(args.config, args.set)
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     ensure_dataset(cfg, print)
-    data = load_reid_dataset(cfg.data_root)
+    data = load_data(cfg)
     loaders, model, _, _ = build_model_and_loaders(cfg, data, device)
     if args.checkpoint:
         load_checkpoint(args.checkpoint, model=model, device=device, restore_rng=False, log=print)
-    cams = ([r.camid for r in data.query], [r.camid for r in data.gallery]) if data.has_cameras else (None, None)
+    selection, test = eval_splits(loaders)
+    if args.split == "val" and selection.name != "val":
+        raise config.ConfigError("--split val: this config has no validation split (set val_identities)")
     with torch.no_grad():
-        result = validate(model, loaders.query, loaders.gallery, device, [r.pid for r in data.query],
-                          [r.pid for r in data.gallery], *cams, neck=cfg.eval_neck_feat, max_rank=cfg.max_rank,
-                          amp=cfg.amp)
+        result = validate(model, selection if args.split == "val" else test, device,
+                          ImageStageSettings.from_config(cfg).feature_spec, max_rank=cfg.max_rank, amp=cfg.amp)
     print("rank1 {rank1:.2f}  rank5 {rank5:.2f}  rank10 {rank10:.2f}  mAP {mAP:.2f}  mINP {mINP:.2f}".format(**result))
     return 0
 
@@ -196,8 +207,9 @@ def cmd_data_synth(args) -> int:
     from .data import synthesize_dataset
 
     root = synthesize_dataset(args.out, args.identities, args.images_per_identity, seed=args.seed,
-                              size=(args.height, args.width))
-    print(f"wrote a synthetic dataset of {args.identities} train + {args.identities} test identities to {root}")
+                              size=(args.height, args.width), test_identities=args.test_identities)
+    print(f"wrote a synthetic dataset of {args.identities} train + {args.test_identities or args.identities} test "
+          f"identities to {root}")
     return 0
 
 
@@ -239,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--sampler", choices=["tpe", "random", "cmaes"], help="default: the config's tune.sampler")
     tune.add_argument("--keep-checkpoints", choices=["best", "all", "none"],
                       help="checkpoints stored in MLflow (default: the config's tune.keep_checkpoints)")
+    tune.add_argument("--select-on-test", action="store_true",
+                      help="allow a config without a validation hold-out: trials are then compared and pruned "
+                           "on the test split (optimistic numbers)")
     tune.add_argument("--tracking-uri")
     tune.set_defaults(func=cmd_tune)
 
@@ -266,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "built from the config's weights.")
     ev.add_argument("config")
     ev.add_argument("--checkpoint", help="a BEST or FINAL image-stage .pth file")
+    ev.add_argument("--split", choices=["test", "val"], default="test",
+                    help="the test query/gallery (default) or the validation hold-out")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=cmd_eval)
 
@@ -274,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_sub.add_parser("synth", help="write the synthetic hand-identity dataset",
                                 description="Write root/{train,query,gallery}/<pid>/<pid>_c<cam>_<n>.png.")
     synth.add_argument("--out", required=True, help="folder to create")
-    synth.add_argument("--identities", type=int, default=60, help="training identities (as many for testing)")
+    synth.add_argument("--identities", type=int, default=60, help="training identities")
+    synth.add_argument("--test-identities", type=int, help="test identities (default: as many as --identities)")
     synth.add_argument("--images-per-identity", type=int, default=8)
     synth.add_argument("--height", type=int, default=128)
     synth.add_argument("--width", type=int, default=64)

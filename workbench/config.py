@@ -164,7 +164,9 @@ class Config:
     synthesize_if_missing: bool = False
     """Generate the synthetic identity dataset into data_root when it does not exist."""
     synth_identities: int = 60
-    """Synthetic dataset: identities for training (as many again for query/gallery)."""
+    """Synthetic dataset: identities for training (and the validation hold-out)."""
+    synth_test_identities: Optional[int] = None
+    """Synthetic dataset: test identities (query/gallery); null means synth_identities."""
     synth_images_per_identity: int = 8
     """Synthetic dataset: images per identity and split."""
     val_identities: float = 0
@@ -377,6 +379,8 @@ class Config:
             bad("contrastive_logit_scale", f"must be positive, got {self.contrastive_logit_scale}")
         if not self.device == "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.synth_test_identities is not None and self.synth_test_identities < 1:
+            bad("synth_test_identities", f"must be >= 1 or null, got {self.synth_test_identities}")
         if not self.losses:
             bad("loss_list", "is empty")
 

@@ -4,12 +4,15 @@ synthetic hand-identity dataset.
 Layout: ``root/{train,query,gallery}/<pid>/<image>``. A ``c<N>`` part of an image's file name
 (``0002_c1s1_000451.jpg``, ``hand_c2_07.png``) gives its camera. Classes are the training pids
 sorted by name; query and gallery identities are compared by name.
+
+Validation (model selection off the test split) is either a seeded hold-out of training
+identities or an optional ``root/val`` folder: ``val/{query,gallery}/<pid>/`` or ``val/<pid>/``.
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -38,12 +41,18 @@ class Record:
 
 @dataclass
 class ReIDData:
-    """The three splits of a ReID dataset; ``classnames[i]`` is the pid of training label i."""
+    """The splits of a ReID dataset; ``classnames[i]`` is the pid of training label i.
+
+    ``val_query``/``val_gallery`` are the validation split ("holdout": identities taken out of
+    ``train``; "folder": ``root/val``; "none": empty), never used for training."""
 
     train: list[Record]
     query: list[Record]
     gallery: list[Record]
     classnames: list[str]
+    val_query: list[Record] = field(default_factory=list)
+    val_gallery: list[Record] = field(default_factory=list)
+    val_source: str = "none"  # "none" | "holdout" | "folder"
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -61,6 +70,14 @@ class ReIDData:
     @property
     def has_cameras(self) -> bool:
         return all(r.camid >= 0 for r in self.query + self.gallery)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val_query) and bool(self.val_gallery)
+
+    @property
+    def val_has_cameras(self) -> bool:
+        return all(r.camid >= 0 for r in self.val_query + self.val_gallery)
 
     @property
     def unmatched_query_pids(self) -> list[str]:
@@ -88,23 +105,87 @@ def scan_split(folder: Path) -> list[Record]:
     return records
 
 
-def load_reid_dataset(root: str | Path) -> ReIDData:
-    """Scan ``root/{train,query,gallery}`` and return the records and class names."""
+def load_reid_dataset(root: str | Path, val_identities: float = 0, val_seed: int = 0) -> ReIDData:
+    """Scan ``root/{train,query,gallery}`` (and the validation source) and return a ``ReIDData``.
+
+    ``val_identities > 0`` holds out training identities for validation: that many when >= 1,
+    that fraction of them when < 1. Each held-out identity gives one image to ``val_gallery`` and
+    the rest to ``val_query`` (one gallery image per identity, the hand protocol); an identity
+    with one image is a gallery distractor. ``val_seed`` fixes the draw. With ``val_identities``
+    0, ``root/val`` is used if present; otherwise there is no validation."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
     train, query, gallery = (scan_split(root / split) for split in ("train", "query", "gallery"))
+    val_query: list[Record] = []
+    val_gallery: list[Record] = []
+    val_source = "none"
+    if val_identities < 0:
+        raise DataError(f"val_identities must be >= 0, got {val_identities}")
+    if val_identities > 0:
+        held = _draw_holdout_pids(sorted({r.pid for r in train}), val_identities, val_seed)
+        held_records = [r for r in train if r.pid in held]
+        train = [r for r in train if r.pid not in held]
+        val_query, val_gallery = _one_gallery_image_per_identity(held_records, val_seed)
+        val_source = "holdout"
+    elif (root / "val").is_dir():
+        val_query, val_gallery = _load_val_folder(root / "val", val_seed)
+        val_source = "folder"
+    if val_source != "none" and not {r.pid for r in val_query} & {r.pid for r in val_gallery}:
+        raise DataError(f"validation ({val_source}) has no query identity with a gallery image; nothing to "
+                        f"evaluate (held-out identities need at least 2 images)")
     classnames = sorted({r.pid for r in train})
     if len(classnames) < 2:
         raise DataError(f"{root / 'train'} has {len(classnames)} identity; at least 2 are needed")
-    return ReIDData(train, query, gallery, classnames)
+    return ReIDData(train, query, gallery, classnames, val_query, val_gallery, val_source)
+
+
+def _draw_holdout_pids(pids: list[str], val_identities: float, seed: int) -> set[str]:
+    """The training pids held out for validation: a seeded draw from the sorted pids."""
+    if val_identities >= 1:
+        if not float(val_identities).is_integer():
+            raise DataError(f"val_identities={val_identities}: a count (>= 1) must be a whole number, "
+                            f"a fraction must be < 1")
+        count = int(val_identities)
+    else:
+        count = max(1, round(val_identities * len(pids)))
+    if len(pids) - count < 2:
+        raise DataError(f"val_identities={val_identities} holds out {count} of {len(pids)} training identities; "
+                        f"at least 2 must remain for training")
+    rng = np.random.default_rng(seed)
+    return {pids[i] for i in rng.choice(len(pids), size=count, replace=False)}
+
+
+def _one_gallery_image_per_identity(records: Sequence[Record], seed: int) -> tuple[list[Record], list[Record]]:
+    """(query, gallery): one seeded image per identity to the gallery, the others to the query."""
+    rng = np.random.default_rng(seed)
+    by_pid: dict[str, list[Record]] = {}
+    for r in records:
+        by_pid.setdefault(r.pid, []).append(r)
+    query, gallery = [], []
+    for pid in sorted(by_pid):
+        images = by_pid[pid]
+        pick = int(rng.integers(len(images)))
+        gallery.append(images[pick])
+        query.extend(r for i, r in enumerate(images) if i != pick)
+    return query, gallery
+
+
+def _load_val_folder(folder: Path, seed: int) -> tuple[list[Record], list[Record]]:
+    """``val/{query,gallery}/<pid>/`` as is, or ``val/<pid>/`` split one gallery image per identity."""
+    if (folder / "query").is_dir() or (folder / "gallery").is_dir():
+        return scan_split(folder / "query"), scan_split(folder / "gallery")
+    return _one_gallery_image_per_identity(scan_split(folder), seed)
 
 
 # ----------------------------------------------------------------------------- transforms
 
 def build_transforms(image_size: Sequence[int], train: bool, flip_prob: float = 0.5, pad: int = 10,
-                     random_erasing: float = 0.5) -> T.Compose:
-    """Train: resize, flip, pad + random crop, normalise, random erasing (BoT). Test: resize, normalise."""
+                     random_erasing: float = 0.5, mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> T.Compose:
+    """Train: resize, flip, pad + random crop, normalise, random erasing (BoT). Test: resize, normalise.
+
+    ``mean``/``std`` must match the backbone's pretraining (the official CLIP-ReID ViT uses 0.5/0.5)."""
     size = tuple(image_size)
     steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
     if train:
@@ -112,7 +193,7 @@ def build_transforms(image_size: Sequence[int], train: bool, flip_prob: float = 
             steps.append(T.RandomHorizontalFlip(flip_prob))
         if pad > 0:
             steps += [T.Pad(pad), T.RandomCrop(size)]
-    steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
     if train and random_erasing > 0:
         steps.append(T.RandomErasing(p=random_erasing, value=0))  # 0 is the mean after normalising
     return T.Compose(steps)
@@ -144,7 +225,11 @@ class IdentitySampler(Sampler[list[int]]):
 
     Each epoch every identity's images are shuffled and cut into groups of K (identities with
     fewer than K images are sampled with replacement); batches draw P identities at random among
-    those with groups left. Deterministic for (seed, epoch): call ``set_epoch`` each epoch."""
+    those with groups left. Deterministic for (seed, epoch): call ``set_epoch`` each epoch.
+
+    ``len()`` is the number of batches this epoch really yields (the draw stops early when fewer
+    than P identities have groups left), so per-epoch means divide by the right count; it runs
+    the epoch's draw once (index arithmetic only) and caches it."""
 
     def __init__(self, labels: Sequence[int], batch_size: int, num_instances: int, seed: int = 0):
         self.labels = np.asarray(labels)
@@ -156,23 +241,32 @@ class IdentitySampler(Sampler[list[int]]):
             raise DataError(f"batch_size {batch_size} needs {self.num_ids_per_batch} identities per batch but the "
                             f"training set has {len(self.index_by_id)}; lower batch_size")
         groups = sum(max(1, len(ix) // num_instances) for ix in self.index_by_id.values())
-        self._length = groups // self.num_ids_per_batch
+        self._max_batches = groups // self.num_ids_per_batch
+        self._cache: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self._length
+        return len(self._epoch_batches())
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+        yield from self._epoch_batches()
+
+    def _epoch_batches(self) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, list(self._draw(self.epoch)))
+        return self._cache[1]
+
+    def _draw(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
         k = self.num_instances
         groups: dict[int, list[np.ndarray]] = {}
         for pid, ix in self.index_by_id.items():
             ix = rng.choice(ix, size=k, replace=True) if len(ix) < k else rng.permutation(ix)
             groups[pid] = [ix[i:i + k] for i in range(0, len(ix) - k + 1, k)]
         available = [pid for pid in groups if groups[pid]]
-        for _ in range(self._length):
+        for _ in range(self._max_batches):
             if len(available) < self.num_ids_per_batch:
                 break
             chosen = rng.choice(len(available), size=self.num_ids_per_batch, replace=False)
@@ -193,13 +287,17 @@ class Loaders:
     gallery: DataLoader
     data: ReIDData
     sampler: IdentitySampler
+    val_query: DataLoader | None = None  # None without validation; test transforms like query/gallery
+    val_gallery: DataLoader | None = None
 
 
 def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int, num_instances: int,
                   test_batch_size: int, num_workers: int, seed: int, flip_prob: float = 0.5, pad: int = 10,
-                  random_erasing: float = 0.5, pin_memory: bool = False) -> Loaders:
-    train_tf = build_transforms(image_size, True, flip_prob, pad, random_erasing)
-    test_tf = build_transforms(image_size, False)
+                  random_erasing: float = 0.5, pin_memory: bool = False,
+                  pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD) -> Loaders:
+    """Train (PK batches), train_eval, query, gallery and, when ``data.has_validation``, val loaders."""
+    train_tf = build_transforms(image_size, True, flip_prob, pad, random_erasing, pixel_mean, pixel_std)
+    test_tf = build_transforms(image_size, False, mean=pixel_mean, std=pixel_std)
     index = data.class_to_idx
     sampler = IdentitySampler(data.train_labels, batch_size, num_instances, seed)
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
@@ -212,8 +310,11 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
 
     train = DataLoader(ImageDataset(data.train, train_tf, index), batch_sampler=sampler,
                        generator=torch.Generator().manual_seed(seed), **common)
+    val = data.has_validation
     return Loaders(train=train, train_eval=plain(data.train, index), query=plain(data.query, None),
-                   gallery=plain(data.gallery, None), data=data, sampler=sampler)
+                   gallery=plain(data.gallery, None), data=data, sampler=sampler,
+                   val_query=plain(data.val_query, None) if val else None,
+                   val_gallery=plain(data.val_gallery, None) if val else None)
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -311,10 +412,11 @@ def render_hand(ident: dict, rng: np.random.Generator, camera: int, size: tuple[
 
 
 def synthesize_dataset(out: str | Path, identities: int = 60, images_per_identity: int = 8, seed: int = 0,
-                       size: tuple[int, int] = (128, 64)) -> Path:
+                       size: tuple[int, int] = (128, 64), test_identities: int | None = None) -> Path:
     """Write a synthetic hand ReID dataset in the folder layout and return its root.
 
-    ``identities`` training identities and as many disjoint test identities; each training
+    ``identities`` training identities and ``test_identities`` (default: as many) disjoint test
+    identities; each training
     identity gets ``images_per_identity`` images from cameras 1-3; each test identity gets 2
     query images from camera 1 and ``images_per_identity`` gallery images from cameras 2-3.
     The same arguments always give the same images. Written to a temporary folder first, so an
@@ -327,7 +429,10 @@ def synthesize_dataset(out: str | Path, identities: int = 60, images_per_identit
         import shutil
         shutil.rmtree(tmp)
     rng = np.random.default_rng(seed)
-    people = [_identity(rng) for _ in range(2 * identities)]
+    test_identities = identities if test_identities is None else test_identities
+    if test_identities < 1:
+        raise DataError("synthetic data needs at least 1 test identity")
+    people = [_identity(rng) for _ in range(identities + test_identities)]
     for number, ident in enumerate(people):
         pid = f"{number + 1:04d}"
         views = ([("train", 1 + i % 3) for i in range(images_per_identity)] if number < identities else

@@ -5,6 +5,7 @@ checked against a slow per-query reference in the tests.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import all_text_features, encode_images
+from .model import all_text_features, head_branches, image_features_for_head
 
 
 class EvaluationError(ValueError):
@@ -85,11 +86,25 @@ def cosine_distance(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.normalize(query.float(), dim=1) @ F.normalize(gallery.float(), dim=1).t()
 
 
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which image feature is compared at test time.
+
+    ``neck``: before (the features the head takes, concatenated and L2-normalised) or after (the
+    BNNeck outputs); ``normalized``: the head takes L2-normalised features (original design) or
+    raw ones (official); ``pre_proj``: the pre-projection feature is concatenated to the
+    projected one (official test feature)."""
+
+    neck: str = "before"
+    normalized: bool = True
+    pre_proj: bool = False
+
+
 @torch.no_grad()
-def extract_features(clip_model: nn.Module, loader, device: torch.device, neck: str = "before",
-                     amp: bool = False) -> torch.Tensor:
-    """Image features of every item of ``loader`` in order: L2-normalised CLIP image features
-    (``neck='before'``) or BNNeck outputs (``'after'``). Returns a float32 CPU tensor."""
+def extract_features(clip_model: nn.Module, loader, device: torch.device, spec: FeatureSpec = FeatureSpec(),
+                     amp: bool = False, normalize: bool = True) -> torch.Tensor:
+    """Image features of every item of ``loader`` in order, as ``spec`` says, L2-normalised
+    unless ``normalize`` is off (the prompt stage's raw features). Returns a float32 CPU tensor."""
     was_training = clip_model.training
     clip_model.eval()
     feats = []
@@ -97,12 +112,27 @@ def extract_features(clip_model: nn.Module, loader, device: torch.device, neck: 
     for batch in loader:
         images = batch[0].to(device, non_blocking=True)
         with autocast:
-            f = F.normalize(encode_images(clip_model, images).float(), dim=1)
-            if neck == "after":
-                f = clip_model.bottleneck(f)
-        feats.append(f.float())
+            parts = image_features_for_head(clip_model, images, spec.pre_proj, spec.normalized)
+            if spec.neck == "after":
+                parts = [bottleneck(f) for (bottleneck, _), f in zip(head_branches(clip_model), parts)]
+            f = torch.cat([p.float() for p in parts], dim=1)
+            feats.append(F.normalize(f, dim=1) if normalize else f)
     clip_model.train(was_training)
     return torch.cat(feats).cpu()
+
+
+@dataclass
+class EvalSplit:
+    """A query / gallery pair to rank: ``name`` is val (the hold-out that selection reads) or
+    test. Cameras are None when unknown (then nothing is removed from a ranking)."""
+
+    name: str
+    query: object  # DataLoader
+    gallery: object
+    q_pids: list
+    g_pids: list
+    q_camids: list | None = None
+    g_camids: list | None = None
 
 
 def _percent(metrics: dict) -> dict:
@@ -115,35 +145,35 @@ def _percent(metrics: dict) -> dict:
             "mINP": float(metrics["mINP"]) * 100.0, "num_valid_q": metrics["num_valid_q"]}
 
 
-def validate(clip_model: nn.Module, query_loader, gallery_loader, device: torch.device,
-             q_pids: Sequence, g_pids: Sequence, q_camids=None, g_camids=None,
-             log: Callable[[str], None] | None = None, neck: str = "before", max_rank: int = 50,
-             amp: bool = False) -> dict:
-    """ReID validation: query and gallery features, cosine distance, torchreid metrics.
-    Returns ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` in percent, plus ``num_valid_q``."""
-    qf = extract_features(clip_model, query_loader, device, neck, amp)
-    gf = extract_features(clip_model, gallery_loader, device, neck, amp)
-    result = _percent(reid_metrics(cosine_distance(qf, gf), np.asarray(q_pids), np.asarray(g_pids),
-                                   q_camids, g_camids, max_rank=max_rank))
+def validate(clip_model: nn.Module, split: EvalSplit, device: torch.device, spec: FeatureSpec = FeatureSpec(),
+             log: Callable[[str], None] | None = None, max_rank: int = 50, amp: bool = False) -> dict:
+    """ReID validation on ``split``: query and gallery features, cosine distance, torchreid
+    metrics. Returns ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` in percent, plus
+    ``num_valid_q``."""
+    qf = extract_features(clip_model, split.query, device, spec, amp)
+    gf = extract_features(clip_model, split.gallery, device, spec, amp)
+    result = _percent(reid_metrics(cosine_distance(qf, gf), np.asarray(split.q_pids), np.asarray(split.g_pids),
+                                   split.q_camids, split.g_camids, max_rank=max_rank))
     if log is not None:
-        log("validation: rank1 {rank1:.2f}  rank5 {rank5:.2f}  rank10 {rank10:.2f}  mAP {mAP:.2f}  "
-            "({num_valid_q} queries)".format(**result))
+        log(f"{split.name}: " + "rank1 {rank1:.2f}  rank5 {rank5:.2f}  rank10 {rank10:.2f}  mAP {mAP:.2f}  "
+            "mINP {mINP:.2f}  ({num_valid_q} queries)".format(**result))
     return result
 
 
 @torch.no_grad()
 def validate_stage1_prompts(clip_model: nn.Module, prompt_learner, image_feats: torch.Tensor,
                             labels: torch.Tensor, log: Callable[[str], None] | None = None,
-                            max_rank: int = 50) -> dict:
+                            max_rank: int = 50, raw_dot: bool = False) -> dict:
     """Image-to-prompt retrieval: every image (its frozen CLIP feature) ranks the learned
-    prompts of all classes; the right class is the only positive. Returns rank1/5/10 and mAP
-    in percent. Run on images of the training identities, the only ones with prompts."""
+    prompts of all classes (by cosine, or by the raw dot product the prompts were trained with
+    when ``raw_dot``); the right class is the only positive. Returns rank1/5/10 and mAP in
+    percent. Run on images of the training identities, the only ones with prompts."""
     was_training = prompt_learner.training
     prompt_learner.eval()
-    text = all_text_features(clip_model, prompt_learner).float()
+    text = all_text_features(clip_model, prompt_learner, normalize=not raw_dot).float()
     prompt_learner.train(was_training)
     image = image_feats.to(text.device).float()
-    dist = cosine_distance(image, text)
+    dist = -(image @ text.t()) if raw_dot else cosine_distance(image, text)
     result = _percent(reid_metrics(dist, labels.cpu().numpy(), np.arange(text.shape[0]), max_rank=max_rank))
     if log is not None:
         log("prompt retrieval: rank1 {rank1:.2f}  mAP {mAP:.2f}".format(**result))

@@ -36,20 +36,31 @@ def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return dist.clamp(min=1e-12).sqrt()
 
 
-def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
+def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None = 0.3) -> torch.Tensor:
     """Batch-hard triplet loss: for each anchor the farthest positive and the closest negative,
-    ``mean(relu(d_ap - d_an + margin))``. Returns a scalar."""
+    ``mean(relu(d_ap - d_an + margin))``, or with ``margin=None`` the soft margin
+    ``mean(log(1 + exp(d_ap - d_an)))`` (BoT's SoftMarginLoss). Returns a scalar."""
     dist = euclidean_dist(feats, feats)
     same = labels[:, None] == labels[None, :]
     dist_ap = dist.masked_fill(~same, float("-inf")).amax(1)
     dist_an = dist.masked_fill(same, float("inf")).amin(1)
+    if margin is None:
+        return F.softplus(dist_ap - dist_an).mean()
     return F.relu(dist_ap - dist_an + margin).mean()
 
 
 def id_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy on classifier (ArcFace) logits; with smoothing eps the target is
+    """Cross-entropy on classifier (ArcFace or linear) logits; with smoothing eps the target is
     ``(1 - eps) * onehot + eps / C`` as in CrossEntropyLabelSmooth."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def i2t_all_classes_loss(image_feats: torch.Tensor, class_text_feats: torch.Tensor, labels: torch.Tensor,
+                         scale: float | torch.Tensor = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The official CLIP-ReID stage-2 image-to-text loss: cross-entropy of each image feature
+    against the text features of every training identity (``class_text_feats`` in label
+    order), logits ``scale * image @ text.T``. Returns a scalar."""
+    return id_loss((image_feats.float() @ class_text_feats.float().t()) * scale, labels, label_smoothing)
 
 
 def prompt_l2(ctx: torch.Tensor) -> torch.Tensor:

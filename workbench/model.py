@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -55,18 +57,109 @@ def resolve_model_name(model_type: str) -> str:
                       + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
-def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, bool]:
-    """Return (value for open_clip, quick_gelu) after checking that the tag or file exists."""
-    if pretrained in (None, "", "none", "None", "null"):
-        return None, False
-    if os.path.isfile(os.path.expanduser(pretrained)):
-        return os.path.expanduser(pretrained), False
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained not in tags:
-        raise ConfigError(f"pretrained: {pretrained!r} is neither an existing file nor an open_clip tag for "
-                          f"{name} (tags: {', '.join(tags) or 'none'})")
-    cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    return pretrained, bool(cfg.get("quick_gelu", False))
+NO_WEIGHTS = (None, "", "none", "None", "null")
+OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _activation(quick_gelu: bool) -> str:
+    return "QuickGELU" if quick_gelu else "GELU"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """A TorchScript zip holds ``<name>/constants.pkl`` and ``<name>/code/``; a torch.save zip holds neither."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.split("/")[1:2] in (["constants.pkl"], ["code"]) for n in archive.namelist())
+
+
+def _read_weights_file(path: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Return (state dict in open_clip's layout, why it is an OpenAI checkpoint, or None).
+
+    Nothing pickled runs: a TorchScript archive goes through torch.jit.load, anything else
+    through torch.load(weights_only=True) or safetensors."""
+    if _is_torchscript_archive(path):
+        with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
+            warnings.simplefilter("ignore", FutureWarning)
+            state_dict = dict(torch.jit.load(path, map_location="cpu").state_dict())
+        openai = "local OpenAI TorchScript archive"
+    else:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            checkpoint = load_file(path, device="cpu")
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+            checkpoint = checkpoint["state_dict"]
+        if not isinstance(checkpoint, dict) or not checkpoint:
+            raise ValueError(f"expected a state dict, found {type(checkpoint).__name__}")
+        state_dict = checkpoint
+        if next(iter(state_dict)).startswith("module."):
+            state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+        openai = None
+        if any(key in state_dict for key in OPENAI_ONLY_KEYS):
+            openai = "state dict in OpenAI's layout (input_resolution/context_length/vocab_size keys)"
+    for key in OPENAI_ONLY_KEYS:
+        state_dict.pop(key, None)
+    return state_dict, openai
+
+
+def _activation_by_name(name: str) -> tuple[bool, str]:
+    if open_clip.get_model_config(name).get("quick_gelu", False):
+        return True, f"model config {name} sets quick_gelu"
+    if "openai" in open_clip.list_pretrained_tags_by_model(name):
+        return True, (f"model name {name} is an OpenAI architecture; set quick_gelu: false for GELU-trained "
+                      "weights (e.g. LAION)")
+    return False, f"model name {name} has no OpenAI weights"
+
+
+def resolve_weights(name: str, pretrained: str | None, quick_gelu: bool | None = None,
+                    log: Callable[[str], None] | None = None) -> tuple[str | dict | None, bool, str]:
+    """Return (weights for open_clip, quick_gelu, why that activation).
+
+    The weights are None (random), an open_clip tag, or the state dict read from a local file
+    (read here once, since telling OpenAI's checkpoints apart needs its keys). ``quick_gelu`` is
+    the user's key: None detects; True/False wins, with a warning line via ``log`` when it
+    contradicts a certain detection (an OpenAI checkpoint, or a tag's own setting)."""
+    if pretrained in NO_WEIGHTS:
+        weights, certain = None, False
+        detected = bool(open_clip.get_model_config(name).get("quick_gelu", False))
+        why = f"random weights; model config {name} sets quick_gelu" if detected else "random weights"
+    elif os.path.isfile(os.path.expanduser(pretrained)):
+        try:
+            weights, why = _read_weights_file(os.path.expanduser(pretrained))
+        except Exception as err:  # a corrupt or foreign file can fail in many ways inside torch/zipfile
+            raise ModelError(f"cannot load {name} with pretrained={pretrained!r}: {_first_line(err)}") from None
+        certain = detected = why is not None
+        if not certain:
+            detected, why = _activation_by_name(name)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ConfigError(f"pretrained: {pretrained!r} is neither an existing file nor an open_clip tag for "
+                              f"{name} (tags: {', '.join(tags) or 'none'})")
+        weights, certain, why = pretrained, True, f"open_clip tag {pretrained}"
+        detected = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+    if quick_gelu is None:
+        return weights, detected, why
+    if certain and bool(quick_gelu) != detected:
+        _say(log, f"warning: quick_gelu: {str(bool(quick_gelu)).lower()} builds {_activation(quick_gelu)}, but the "
+                  f"weights were trained with {_activation(detected)} ({why}); features will be off")
+    return weights, bool(quick_gelu), "quick_gelu key"
+
+
+def _load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load strictly, fitting positional embeddings first, as open_clip's ``factory.load_checkpoint`` does."""
+    if "logit_scale" in state_dict and model.logit_scale.ndim != state_dict["logit_scale"].ndim:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
+    open_clip.model.resize_pos_embed(state_dict, model)
+    open_clip.model.resize_text_pos_embed(state_dict, model)
+    model.load_state_dict(state_dict, strict=True)
 
 
 def _is_modified_resnet(visual: nn.Module) -> bool:
@@ -94,14 +187,16 @@ def resize_attnpool_pos_embed(visual: nn.Module, image_size: Sequence[int]) -> N
 
 
 def load_clip_with_patch(model_type: str, device: torch.device | str = "cpu", freeze_all: bool = True,
-                         pretrained: str | None = None, image_size: Sequence[int] = (256, 128)) -> nn.Module:
+                         pretrained: str | None = None, image_size: Sequence[int] = (256, 128),
+                         quick_gelu: bool | None = None, log: Callable[[str], None] | None = None) -> nn.Module:
     """Build an open_clip CLIP for ReID-shaped (non-square) inputs and return it on ``device``.
 
-    ``pretrained`` is an open_clip tag (downloaded by open_clip), a local weights file, or None
-    (random weights). ViT positional embeddings are interpolated by open_clip; a ModifiedResNet
-    (RN50, ...) is built square, loaded, then its attention pool is patched for H x W."""
+    ``pretrained`` is an open_clip tag (downloaded by open_clip), a local weights file (open_clip
+    state dict, OpenAI state dict or OpenAI TorchScript archive), or None (random weights).
+    ``quick_gelu`` None detects the activation the weights were trained with (see
+    ``resolve_weights``); True/False forces it. ViT positional embeddings are interpolated to
+    H x W; a ModifiedResNet (RN50, ...) is built square, loaded, then its attention pool is patched."""
     name = resolve_model_name(model_type)
-    weights, quick_gelu = _resolve_pretrained(name, pretrained)
     image_size = tuple(int(s) for s in image_size)
     config = open_clip.get_model_config(name)
     resnet = isinstance(config["vision_cfg"].get("layers"), (list, tuple))
@@ -111,13 +206,19 @@ def load_clip_with_patch(model_type: str, device: torch.device | str = "cpu", fr
         patch = config["vision_cfg"].get("patch_size") or 1
         if any(s % patch for s in image_size):
             raise ConfigError(f"image_size: {list(image_size)} must be multiples of the patch size {patch} for {name}")
+    weights, quick_gelu, why = resolve_weights(name, pretrained, quick_gelu, log)
+    _say(log, f"activation: {_activation(quick_gelu)} ({why})")
     try:
+        # Only the quick_gelu model kwarg can turn a -quickgelu config back to GELU;
+        # force_quick_gelu keeps open_clip's own tag-mismatch warning in step with it.
         model = open_clip.create_model(
-            name, pretrained=weights, force_quick_gelu=quick_gelu,
+            name, pretrained=weights if isinstance(weights, str) else None,
+            force_quick_gelu=quick_gelu, quick_gelu=quick_gelu,
             force_image_size=None if resnet else image_size, device="cpu")
-    except (RuntimeError, OSError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load {name} with pretrained={pretrained!r}: {first}") from None
+        if isinstance(weights, dict):
+            _load_state_dict(model, weights)
+    except (RuntimeError, OSError, KeyError, ValueError) as err:
+        raise ModelError(f"cannot load {name} with pretrained={pretrained!r}: {_first_line(err)}") from None
     if resnet:
         resize_attnpool_pos_embed(model.visual, image_size)
     model.to(device)
@@ -246,10 +347,11 @@ def _accepts_length(tokenizer) -> bool:
         return False
 
 
-def encode_prompt_embeddings(clip_model: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+def encode_prompt_embeddings(clip_model: nn.Module, embeddings: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """CLIP's text path from prompt embeddings (B, L, width) whose last position is the
     end-of-text token: + positional embedding -> causal transformer -> ln_final -> EOT
-    feature -> text_projection -> L2 normalise. Returns (B, embed_dim)."""
+    feature -> text_projection -> L2 normalise (unless ``normalize`` is off: the official
+    CLIP-ReID's raw text feature). Returns (B, embed_dim)."""
     length = embeddings.shape[1]
     x = embeddings + clip_model.positional_embedding[:length].to(embeddings.dtype)
     mask = clip_model.attn_mask[:length, :length] if clip_model.attn_mask is not None else None
@@ -258,23 +360,43 @@ def encode_prompt_embeddings(clip_model: nn.Module, embeddings: torch.Tensor) ->
     proj = clip_model.text_projection
     if proj is not None:
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return F.normalize(x, dim=-1)
+    return F.normalize(x, dim=-1) if normalize else x
 
 
-def text_features(clip_model: nn.Module, prompt_learner: PromptLearner, labels: torch.Tensor) -> torch.Tensor:
-    """Normalised text features of the learned prompts of ``labels``: (B, embed_dim)."""
-    return encode_prompt_embeddings(clip_model, prompt_learner.forward_batch(labels))
+def text_features(clip_model: nn.Module, prompt_learner: PromptLearner, labels: torch.Tensor,
+                  normalize: bool = True) -> torch.Tensor:
+    """Text features (L2-normalised unless ``normalize`` is off) of the learned prompts of
+    ``labels``: (B, embed_dim)."""
+    return encode_prompt_embeddings(clip_model, prompt_learner.forward_batch(labels), normalize)
 
 
-def all_text_features(clip_model: nn.Module, prompt_learner: PromptLearner, chunk: int = 256) -> torch.Tensor:
+def all_text_features(clip_model: nn.Module, prompt_learner: PromptLearner, chunk: int = 256,
+                      normalize: bool = True) -> torch.Tensor:
     """Text features of every class in label order: (num_classes, embed_dim)."""
     labels = torch.arange(prompt_learner.num_classes, device=prompt_learner.ctx.device)
-    return torch.cat([text_features(clip_model, prompt_learner, part) for part in labels.split(chunk)])
+    return torch.cat([text_features(clip_model, prompt_learner, part, normalize) for part in labels.split(chunk)])
 
 
 def encode_images(clip_model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Unnormalised image features from CLIP's image encoder: (B, embed_dim)."""
     return clip_model.encode_image(images)
+
+
+def encode_image_parts(clip_model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-projection, projected) unnormalised image features, as the official CLIP-ReID
+    takes them: for a ViT the class token after ln_post and after the projection; for a
+    ModifiedResNet (RN50) the average-pooled last feature map and the attention pool's output.
+    The projected feature equals ``encode_images``."""
+    visual = clip_model.visual
+    if _is_modified_resnet(visual):
+        x = visual.stem(images)
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        return x.mean(dim=(2, 3)), visual.attnpool(x)
+    if hasattr(visual, "_embeds") and hasattr(visual, "_pool") and hasattr(visual, "proj"):
+        pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+        return pooled, (pooled @ visual.proj if visual.proj is not None else pooled)
+    raise ConfigError(f"test_feature: proj_and_pre_proj needs an open_clip ViT or ModifiedResNet image tower, "
+                      f"not {type(visual).__name__}")
 
 
 # ----------------------------------------------------------------------------- ReID head
@@ -307,6 +429,18 @@ class ArcFace(nn.Module):
         return (one_hot * phi + (1.0 - one_hot) * cosine) * self.scale
 
 
+class LinearHead(nn.Linear):
+    """The official CLIP-ReID ID classifier: a bias-free linear layer, weights ~ N(0, 0.001).
+    Takes (and ignores) the labels so that it is called like ArcFace."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        nn.init.normal_(self.weight, std=0.001)
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(feats)
+
+
 def build_bnneck(feat_dim: int) -> nn.BatchNorm1d:
     """BatchNorm1d whose bias does not train (BoT's BNNeck)."""
     bn = nn.BatchNorm1d(feat_dim)
@@ -317,21 +451,79 @@ def build_bnneck(feat_dim: int) -> nn.BatchNorm1d:
 
 
 @torch.no_grad()
-def infer_feat_dim(clip_model: nn.Module, image_size: Sequence[int]) -> int:
-    """Image feature width, found by one dummy forward (as the original does)."""
+def infer_feat_dims(clip_model: nn.Module, image_size: Sequence[int]) -> tuple[int, int]:
+    """(pre-projection, projected) image feature widths, found by one dummy forward (as the
+    original does for the projected one)."""
     device = next(clip_model.parameters()).device
     was_training = clip_model.training
     clip_model.eval()
-    out = clip_model.encode_image(torch.zeros(1, 3, *image_size, device=device))
+    dummy = torch.zeros(1, 3, *image_size, device=device)
+    try:
+        pre, proj = encode_image_parts(clip_model, dummy)
+        dims = int(pre.shape[-1]), int(proj.shape[-1])
+    except ConfigError:
+        dims = 0, int(clip_model.encode_image(dummy).shape[-1])
     clip_model.train(was_training)
-    return int(out.shape[-1])
+    return dims
+
+
+def infer_feat_dim(clip_model: nn.Module, image_size: Sequence[int]) -> int:
+    """Projected image feature width."""
+    return infer_feat_dims(clip_model, image_size)[1]
+
+
+def _build_id_head(kind: str, feat_dim: int, num_classes: int, scale: float, margin: float) -> nn.Module:
+    return ArcFace(feat_dim, num_classes, scale, margin) if kind == "arcface" else LinearHead(feat_dim, num_classes)
 
 
 def register_bnneck_and_arcface(clip_model: nn.Module, num_classes: int, image_size: Sequence[int],
-                                arcface_scale: float = 30.0, arcface_margin: float = 0.5) -> int:
-    """Attach ``bottleneck`` (BNNeck) and ``arcface`` to ``clip_model``; returns feat_dim."""
-    feat_dim = infer_feat_dim(clip_model, image_size)
+                                arcface_scale: float = 30.0, arcface_margin: float = 0.5,
+                                id_head: str = "arcface", pre_proj_branch: bool = False) -> int:
+    """Attach the ReID head to ``clip_model``: ``bottleneck`` (BNNeck) and the ID classifier
+    (``arcface``, or ``classifier`` when ``id_head`` is linear) on the projected feature, and with
+    ``pre_proj_branch`` a second pair (``bottleneck_pre``, ``arcface_pre`` / ``classifier_pre``) on
+    the pre-projection feature, as the official CLIP-ReID has. Returns the projected feat_dim."""
+    pre_dim, feat_dim = infer_feat_dims(clip_model, image_size)
+    if pre_proj_branch and not pre_dim:
+        encode_image_parts(clip_model, torch.zeros(1, 3, *image_size))  # raises the ConfigError naming why
     device = next(clip_model.parameters()).device
+    name = "arcface" if id_head == "arcface" else "classifier"
     clip_model.bottleneck = build_bnneck(feat_dim).to(device)
-    clip_model.arcface = ArcFace(feat_dim, num_classes, arcface_scale, arcface_margin).to(device)
+    setattr(clip_model, name, _build_id_head(id_head, feat_dim, num_classes, arcface_scale, arcface_margin).to(device))
+    if pre_proj_branch:
+        clip_model.bottleneck_pre = build_bnneck(pre_dim).to(device)
+        setattr(clip_model, name + "_pre",
+                _build_id_head(id_head, pre_dim, num_classes, arcface_scale, arcface_margin).to(device))
     return feat_dim
+
+
+def head_branches(clip_model: nn.Module) -> list[tuple[nn.BatchNorm1d, nn.Module]]:
+    """(BNNeck, ID classifier) pairs registered on ``clip_model``: the projected feature's first,
+    then the pre-projection feature's when that branch exists."""
+    classifier = clip_model.arcface if hasattr(clip_model, "arcface") else clip_model.classifier
+    branches = [(clip_model.bottleneck, classifier)]
+    if hasattr(clip_model, "bottleneck_pre"):
+        pre = clip_model.arcface_pre if hasattr(clip_model, "arcface_pre") else clip_model.classifier_pre
+        branches.append((clip_model.bottleneck_pre, pre))
+    return branches
+
+
+def head_parameters(clip_model: nn.Module) -> list[nn.Parameter]:
+    """What trains in the head: BNNeck weights (their bias stays frozen, as in BoT) and classifiers."""
+    params = []
+    for bottleneck, classifier in head_branches(clip_model):
+        params += [bottleneck.weight, *classifier.parameters()]
+    return params
+
+
+def image_features_for_head(clip_model: nn.Module, images: torch.Tensor, pre_proj: bool,
+                            normalized: bool) -> list[torch.Tensor]:
+    """The image features the head branches take, in ``head_branches`` order: the projected
+    feature, then (with ``pre_proj``) the pre-projection one; float32, L2-normalised when
+    ``normalized`` (original design) or raw (official)."""
+    if pre_proj:
+        pre, proj = encode_image_parts(clip_model, images)
+        feats = [proj.float(), pre.float()]
+    else:
+        feats = [encode_images(clip_model, images).float()]
+    return [F.normalize(f, dim=1) for f in feats] if normalized else feats

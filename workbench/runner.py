@@ -19,7 +19,7 @@ import torch
 
 from . import config as config_module
 from .config import Config, build_filename
-from .data import DataError, build_loaders, load_reid_dataset, synthesize_dataset
+from .data import DataError, ReIDData, build_loaders, load_reid_dataset, synthesize_dataset
 from .checkpoint import atomic_torch_save, load_checkpoint
 from .model import PromptLearner, load_clip_with_patch, register_bnneck_and_arcface, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
@@ -27,8 +27,12 @@ from .stages import (ImageStageSettings, PromptStageSettings, cache_image_featur
 from .tracking import NullTracker, Tracker, run_params, save_curves
 
 LOSS_KEYS = ["loss", "id_loss", "tri_loss", "center_loss", "i2t_loss", "t2i_loss", "feat_norm", "arc_conf", "lr"]
-PROMPT_KEYS = ["prompt_loss", "i2t_loss", "t2i_loss", "prompt_norm", "prompt_var", "prompt_grad", "logits_std"]
+PROMPT_KEYS = ["prompt_loss", "i2t_loss", "t2i_loss", "prompt_norm", "prompt_var", "prompt_class_var", "prompt_grad",
+               "logits_std"]
 EVAL_KEYS = ["rank1", "rank5", "rank10", "mAP", "prompt_rank1", "prompt_mAP"]
+TEST_KEYS = [f"{prefix}{k}" for prefix in ("test_", "final_test_") for k in ("rank1", "rank5", "rank10", "mAP", "mINP")]
+END_KEYS = ["best_rank1", "best_mAP", "best_mINP", "best_epoch", "prompt_rank1", "prompt_mAP", *TEST_KEYS,
+            "prompt_stage_seconds", "image_stage_seconds", "total_seconds"]
 
 
 def select_device(name: str) -> torch.device:
@@ -77,15 +81,17 @@ def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
         if not cfg.synthesize_if_missing:
             raise DataError(f"dataset folder not found: {root} (set data_root, or synthesize_if_missing: true "
                             f"for the synthetic dataset)")
-        log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} identities)")
+        log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} training identities)")
         synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed,
+                           test_identities=cfg.synth_test_identities,
                            size=tuple(cfg.image_size))
     return root
 
 
 def run_tags(cfg: Config) -> dict[str, str]:
     return {"stage_mode": cfg.stage_mode, "model": cfg.model_type, "dataset": cfg.dataset, "aspect": cfg.aspect,
-            "variant": cfg.variant, "git_commit": git_commit(), "config_hash": cfg.hash()}
+            "variant": cfg.variant, "git_commit": git_commit(), "config_hash": cfg.hash(),
+            "select_metric": cfg.select_metric}
 
 
 class FeatureCache:
@@ -103,9 +109,9 @@ class FeatureCache:
 
     @staticmethod
     def key(cfg: Config) -> str:
-        parts = [resolve_model_name(cfg.model_type), cfg.pretrained, str(Path(cfg.data_root).resolve()),
+        parts = [resolve_model_name(cfg.model_type), cfg.pretrained, cfg.quick_gelu, str(Path(cfg.data_root).resolve()),
                  list(cfg.image_size), cfg.seed if cfg.pretrained in (None, "", "none") else None,
-                 cfg.device, cfg.amp]
+                 cfg.device, cfg.amp, "raw", cfg.pixel_mean, cfg.pixel_std, cfg.val_identities, cfg.val_seed]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
     def get(self, cfg: Config, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], device: torch.device):
@@ -175,9 +181,7 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
             result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache,
                                  resume=resume_dir is not None)
             result.update(run_id=run_id, run_dir=str(run_dir))
-            tracker.log_metrics({k: result[k] for k in ("best_rank1", "best_mAP", "best_epoch",
-                                                        "prompt_stage_seconds", "image_stage_seconds",
-                                                        "total_seconds") if result.get(k) is not None}, step=0)
+            tracker.log_metrics({k: result[k] for k in END_KEYS if result.get(k) is not None}, step=0)
             for name, keys in ((f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_prompt.png", PROMPT_KEYS),
                                (f"{stem}_metrics.png", EVAL_KEYS)):
                 plot = save_curves(tracker.history, run_dir / name, keys, stem)
@@ -187,8 +191,7 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 for path in written:
                     if path.exists():
                         tracker.log_artifact(path, "checkpoints")
-            log(f"run finished: best rank1 {result['best_rank1']:.2f} mAP {result['best_mAP']:.2f} "
-                f"(epoch {result['best_epoch']}), {result['total_seconds']:.1f}s; files in {run_dir}")
+            log(f"run finished: {summary_line(result)}, {result['total_seconds']:.1f}s; files in {run_dir}")
         except BaseException as err:
             log(f"run failed: {type(err).__name__}: {err}")
             raise
@@ -202,20 +205,41 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
     return result
 
 
-def build_model_and_loaders(cfg: Config, data, device: torch.device):
+def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callable[[str], None] | None = None):
     """Loaders, CLIP with BNNeck and ArcFace, and the prompt learner for ``cfg`` and ``data``:
     (loaders, clip_model, prompt_learner, feat_dim). Shared by runs and ``workbench eval``."""
     loaders = build_loaders(data, image_size=cfg.image_size, batch_size=cfg.batch_size,
                             num_instances=cfg.num_instances, test_batch_size=cfg.test_batch_size,
                             num_workers=cfg.num_workers, seed=cfg.seed, flip_prob=cfg.flip_prob, pad=cfg.pad,
-                            random_erasing=cfg.random_erasing, pin_memory=device.type == "cuda")
+                            random_erasing=cfg.random_erasing, pin_memory=device.type == "cuda",
+                            pixel_mean=tuple(cfg.pixel_mean), pixel_std=tuple(cfg.pixel_std))
     clip_model = load_clip_with_patch(cfg.model_type, device, freeze_all=True, pretrained=cfg.pretrained,
-                                      image_size=cfg.image_size)
+                                      image_size=cfg.image_size, quick_gelu=cfg.quick_gelu, log=log)
     prompt_learner = PromptLearner(data.classnames, clip_model, cfg.n_ctx, cfg.prompt_template, cfg.aspect,
                                    model_name=resolve_model_name(cfg.model_type))
     feat_dim = register_bnneck_and_arcface(clip_model, data.num_classes, cfg.image_size, cfg.arcface_scale,
-                                           cfg.arcface_margin)
+                                           cfg.arcface_margin, id_head=cfg.id_head,
+                                           pre_proj_branch=cfg.test_feature == "proj_and_pre_proj")
     return loaders, clip_model, prompt_learner, feat_dim
+
+
+def load_data(cfg: Config) -> ReIDData:
+    """The dataset of ``cfg`` with its validation hold-out (``val_identities``, seeded by
+    ``val_seed`` or ``seed``) or its ``val/`` folder."""
+    return load_reid_dataset(cfg.data_root, val_identities=cfg.val_identities,
+                             val_seed=cfg.seed if cfg.val_seed is None else cfg.val_seed)
+
+
+def summary_line(result: dict) -> str:
+    """One line of what a run found: the selection split's best and the test numbers."""
+    if result.get("best_rank1") is None:
+        return (f"prompt retrieval (training identities) rank1 {result['prompt_rank1']:.2f} "
+                f"mAP {result['prompt_mAP']:.2f}")
+    line = (f"best {result['selection']} rank1 {result['best_rank1']:.2f} mAP {result['best_mAP']:.2f} "
+            f"(epoch {result['best_epoch']})")
+    if result["selection"] == "val":
+        line += f"; test rank1 {result['test_rank1']:.2f} mAP {result['test_mAP']:.2f}"
+    return line
 
 
 def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem: str, written: list[Path],
@@ -224,17 +248,31 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     ensure_dataset(cfg, log)
-    data = load_reid_dataset(cfg.data_root)
+    data = load_data(cfg)
     log(f"data: {len(data.train)} train images of {data.num_classes} identities, {len(data.query)} query, "
         f"{len(data.gallery)} gallery, cameras {'known' if data.has_cameras else 'unknown'}")
+    selection = "val" if data.has_validation else "test"
+    if cfg.trains_image:
+        tracker.set_tags({"selection": selection})
+        if data.has_validation:
+            log(f"validation ({data.val_source}): {len(data.val_query)} query and {len(data.val_gallery)} gallery "
+                f"images of {len({r.pid for r in data.val_gallery})} identities held out from training; BEST is "
+                f"selected on their {cfg.select_metric}, the test split is evaluated once at the end")
+        else:
+            log("warning: no validation split (set val_identities): BEST is selected on the test split, so its "
+                "numbers are optimistic; tag selection=test")
+    if cfg.stage_mode == "image_only" and cfg.freeze_prompt and {"i2t", "t2i"} & set(cfg.losses):
+        log("note: image_only with freeze_prompt has no trained prompt, so the i2t/t2i losses are off "
+            "(set freeze_prompt: false to learn the prompt in the image stage)")
     unmatched = data.unmatched_query_pids
     if unmatched:
         log(f"warning: {len(unmatched)} query identities have no gallery image and are skipped: "
             f"{', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}")
     tracker.log_metrics({"num_classes": data.num_classes, "num_train": len(data.train),
                          "num_query": len(data.query), "num_gallery": len(data.gallery),
-                         "num_unmatched_query_ids": len(unmatched)}, step=0)
-    loaders, clip_model, prompt_learner, feat_dim = build_model_and_loaders(cfg, data, device)
+                         "num_unmatched_query_ids": len(unmatched), "num_val_query": len(data.val_query),
+                         "num_val_gallery": len(data.val_gallery)}, step=0)
+    loaders, clip_model, prompt_learner, feat_dim = build_model_and_loaders(cfg, data, device, log)
     log(f"model: {cfg.model_type} (pretrained={cfg.pretrained}) at {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_learner.prompt_text}', device {device}")
     metadata = {"architecture": cfg.model_type, "feat_dim": feat_dim, "num_classes": data.num_classes,
@@ -272,8 +310,7 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
             written.append(path)
         step = prompt["steps"]
         result.update(prompt_stage_seconds=prompt["seconds"], prompt_rank1=prompt["prompt_rank1"],
-                      prompt_mAP=prompt["prompt_mAP"], best_rank1=prompt["prompt_rank1"],
-                      best_mAP=prompt["prompt_mAP"], best_epoch=cfg.epochs_prompt)
+                      prompt_mAP=prompt["prompt_mAP"])
         tracker.log_metrics({"prompt_stage_seconds": prompt["seconds"]}, step=0)
 
     if cfg.trains_image:

@@ -8,9 +8,10 @@ steps (one synchronisation), where they are checked for NaN and sent to the trac
 """
 from __future__ import annotations
 
+import bisect
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +22,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
-from .evaluation import extract_features, validate, validate_stage1_prompts
-from .losses import CenterLoss, build_loss, id_loss, prompt_l2, supcon_loss, triplet_loss
-from .model import (all_text_features, encode_images, freeze_entire_clip_model, freeze_prompt_learner,
-                    text_features, unfreeze_clip_image_encoder, unfreeze_clip_text_encoder)
+from .evaluation import EvalSplit, FeatureSpec, extract_features, validate, validate_stage1_prompts
+from .losses import (CenterLoss, build_loss, i2t_all_classes_loss, id_loss, prompt_l2, supcon_loss,
+                     triplet_loss)
+from .model import (all_text_features, freeze_entire_clip_model, freeze_prompt_learner, head_branches,
+                    head_parameters, image_features_for_head, text_features, unfreeze_clip_image_encoder,
+                    unfreeze_clip_text_encoder)
 from .tracking import Tracker
 
 Log = Callable[[str], None]
@@ -35,21 +38,39 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-def cosine_factor(epoch: int, epochs: int, warmup_epochs: int, base_lr: float, eta_min: float) -> float:
-    """Multiplier of base_lr at ``epoch``: linear warm-up, then cosine from base_lr to eta_min."""
+def lr_factor(epoch: int, epochs: int, warmup_epochs: int, base_lr: float, eta_min: float,
+              warmup_factor: float | None = None, schedule: str = "cosine", steps: tuple = (),
+              gamma: float = 0.1) -> float:
+    """Multiplier of base_lr at (0-based) ``epoch``.
+
+    Warm-up: linear from ``warmup_factor`` (default 1 / (warmup_epochs + 1)) at the first epoch
+    to 1. Then ``cosine`` from base_lr to eta_min over the remaining epochs, or ``multistep``:
+    x gamma at each of ``steps`` (1-based epochs, as the official WarmupMultiStepLR counts:
+    steps [30, 50] lower the rate from the 30th and the 50th epoch on)."""
     if epoch < warmup_epochs:
-        return (epoch + 1) / (warmup_epochs + 1)
+        start = 1.0 / (warmup_epochs + 1) if warmup_factor is None else warmup_factor
+        return start + (1.0 - start) * epoch / warmup_epochs
+    if schedule == "multistep":
+        return gamma ** bisect.bisect_right(list(steps), epoch + 1)
     span = max(1, epochs - warmup_epochs)
     progress = min(1.0, (epoch - warmup_epochs) / span)
     floor = min(1.0, eta_min / base_lr)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, epochs: int, warmup_epochs: int, eta_min: float):
-    """Per-epoch cosine schedule (with warm-up) as a LambdaLR, so its state checkpoints."""
-    base = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: cosine_factor(e, epochs, warmup_epochs, base, eta_min))
+def cosine_factor(epoch: int, epochs: int, warmup_epochs: int, base_lr: float, eta_min: float) -> float:
+    """``lr_factor`` of the cosine schedule with the default warm-up."""
+    return lr_factor(epoch, epochs, warmup_epochs, base_lr, eta_min)
+
+
+def build_scheduler(optimizer, epochs: int, warmup_epochs: int, eta_min: float, warmup_factor: float | None = None,
+                    schedule: str = "cosine", steps: tuple = (), gamma: float = 0.1):
+    """Per-epoch schedule (``lr_factor``) as a LambdaLR, one lambda per parameter group (each
+    group's cosine ends at eta_min), so its state checkpoints."""
+    def factor_for(base: float):
+        return lambda e: lr_factor(e, epochs, warmup_epochs, base, eta_min, warmup_factor, schedule, steps, gamma)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g["lr"]) for g in optimizer.param_groups])
 
 
 def autocast_for(device: torch.device, amp: bool):
@@ -95,18 +116,22 @@ class PromptStageSettings:
     batch_size: int
     weight_decay: float = 1e-4
     warmup_epochs: int = 0
+    warmup_factor: float | None = None
     eta_min: float = 1e-6
     reg_weight: float = 0.001
     logit_scale: float | None = None  # None: CLIP's learned logit_scale
+    logit_mode: str = "cosine_scaled"  # or raw_dot: unnormalised features, temperature 1 (official)
     amp: bool = True
     log_every: int = 20
 
     @classmethod
     def from_config(cls, cfg: Config) -> "PromptStageSettings":
+        warmup = cfg.warmup_epochs if cfg.warmup_epochs_prompt is None else cfg.warmup_epochs_prompt
+        factor = cfg.warmup_factor if cfg.warmup_factor_prompt is None else cfg.warmup_factor_prompt
         return cls(epochs=cfg.epochs_prompt, lr=cfg.prompt_lr, batch_size=cfg.batch_size,
-                   weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, eta_min=cfg.eta_min,
-                   reg_weight=cfg.prompt_reg_weight, logit_scale=cfg.contrastive_logit_scale, amp=cfg.amp,
-                   log_every=cfg.log_every)
+                   weight_decay=cfg.weight_decay, warmup_epochs=warmup, warmup_factor=factor, eta_min=cfg.eta_min,
+                   reg_weight=cfg.prompt_reg_weight, logit_scale=cfg.contrastive_logit_scale,
+                   logit_mode=cfg.prompt_logit_mode, amp=cfg.amp, log_every=cfg.log_every)
 
 
 @dataclass(frozen=True)
@@ -115,28 +140,53 @@ class ImageStageSettings:
     lr: float
     loss_list: tuple = ("id", "triplet", "center", "i2t", "t2i")
     weight_decay: float = 1e-4
+    weight_decay_bias: float | None = None  # None: weight_decay
+    bias_lr_factor: float = 1.0
     warmup_epochs: int = 0
+    warmup_factor: float | None = None
+    lr_schedule: str = "cosine"
+    lr_steps: tuple = ()
+    lr_gamma: float = 0.1
     eta_min: float = 1e-6
     center_lr: float = 0.5
     center_loss_weight: float = 0.0003
-    triplet_margin: float = 0.3
+    triplet_margin: float | None = 0.3
     label_smoothing: float = 0.0
+    loss_weights: dict = field(default_factory=lambda: {"id": 1.0, "triplet": 1.0, "i2t": 1.0, "t2i": 1.0})
+    i2t_mode: str = "batch_supcon"
+    i2t_label_smoothing: float = 0.0
+    i2t_logit_mode: str = "cosine_scaled"
     freeze_prompt: bool = True
     train_text_encoder: bool = False
     logit_scale: float | None = None
+    train_feature: str = "normalized"
+    pre_proj: bool = False  # the pre-projection branch (official test_feature proj_and_pre_proj)
+    eval_neck: str = "before"
+    select_metric: str = "rank1"
     amp: bool = True
     log_every: int = 20
-    eval_neck: str = "before"
     max_rank: int = 50
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ImageStageSettings":
         return cls(epochs=cfg.epochs_image, lr=cfg.lr, loss_list=cfg.losses, weight_decay=cfg.weight_decay,
-                   warmup_epochs=cfg.warmup_epochs, eta_min=cfg.eta_min, center_lr=cfg.center_lr,
-                   center_loss_weight=cfg.center_loss_weight, triplet_margin=cfg.triplet_margin,
-                   label_smoothing=cfg.label_smoothing, freeze_prompt=cfg.freeze_prompt,
+                   weight_decay_bias=cfg.weight_decay_bias, bias_lr_factor=cfg.bias_lr_factor,
+                   warmup_epochs=cfg.warmup_epochs, warmup_factor=cfg.warmup_factor, lr_schedule=cfg.lr_schedule,
+                   lr_steps=tuple(cfg.lr_steps), lr_gamma=cfg.lr_gamma, eta_min=cfg.eta_min,
+                   center_lr=cfg.center_lr, center_loss_weight=cfg.center_loss_weight,
+                   triplet_margin=cfg.triplet_margin, label_smoothing=cfg.label_smoothing,
+                   loss_weights={"id": cfg.id_loss_weight, "triplet": cfg.triplet_loss_weight,
+                                 "i2t": cfg.i2t_loss_weight, "t2i": cfg.t2i_loss_weight},
+                   i2t_mode=cfg.i2t_mode, i2t_label_smoothing=cfg.i2t_label_smoothing,
+                   i2t_logit_mode=cfg.i2t_logit_mode, freeze_prompt=cfg.freeze_prompt,
                    train_text_encoder=cfg.train_text_encoder, logit_scale=cfg.contrastive_logit_scale,
-                   amp=cfg.amp, log_every=cfg.log_every, eval_neck=cfg.eval_neck_feat, max_rank=cfg.max_rank)
+                   train_feature=cfg.train_feature, pre_proj=cfg.test_feature == "proj_and_pre_proj",
+                   eval_neck=cfg.eval_neck_feat, select_metric=cfg.select_metric, amp=cfg.amp,
+                   log_every=cfg.log_every, max_rank=cfg.max_rank)
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(neck=self.eval_neck, normalized=self.train_feature == "normalized", pre_proj=self.pre_proj)
 
 
 def _logit_scale(clip_model: nn.Module, fixed: float | None) -> torch.Tensor | float:
@@ -144,9 +194,10 @@ def _logit_scale(clip_model: nn.Module, fixed: float | None) -> torch.Tensor | f
 
 
 def cache_image_features(clip_model: nn.Module, loader, device: torch.device, amp: bool = True):
-    """Frozen, L2-normalised CLIP features of every image of ``loader`` (test transforms) and
-    their labels, on ``device``: the prompt stage never runs the image encoder again."""
-    feats = extract_features(clip_model, loader, device, neck="before", amp=amp)
+    """Frozen, unnormalised CLIP image features (projected) of every image of ``loader`` (test
+    transforms) and their labels, on ``device``: the prompt stage never runs the image encoder
+    again, and normalises them itself when its logits are cosines."""
+    feats = extract_features(clip_model, loader, device, FeatureSpec(normalized=False), amp=amp, normalize=False)
     labels = torch.as_tensor(loader.dataset.labels, dtype=torch.long)
     return feats.to(device), labels.to(device)
 
@@ -167,14 +218,18 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
         log("caching frozen image features of the training set")
         cached_features = cache_image_features(clip_model, train_loader, device, settings.amp)
     image_feats, labels = cached_features
+    raw_dot = settings.logit_mode == "raw_dot"
+    if not raw_dot:
+        image_feats = F.normalize(image_feats.float(), dim=1)
     clip_model.eval()
     prompt_learner.train()
     optimizer = torch.optim.Adam(prompt_learner.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min)
-    scale = _logit_scale(clip_model, settings.logit_scale)
+    scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min,
+                                settings.warmup_factor)
+    scale = 1.0 if raw_dot else _logit_scale(clip_model, settings.logit_scale)
     buffer = StepMetrics(tracker, "prompt")
     n = image_feats.shape[0]
-    batches = max(1, n // settings.batch_size)
+    batches = math.ceil(n / settings.batch_size)  # the last, partial batch too (as the official code)
     step = start_step
     epoch_loss = torch.zeros((), device=device)
     retrieval: dict = {}
@@ -188,7 +243,7 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
             idx = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
             img, lab = image_feats[idx], labels[idx]
             with autocast_for(device, settings.amp):
-                text = text_features(clip_model, prompt_learner, lab).float()
+                text = text_features(clip_model, prompt_learner, lab, normalize=not raw_dot).float()
             loss_i2t = supcon_loss(img, text, lab, lab, scale)
             loss_t2i = supcon_loss(text, img, lab, lab, scale)
             loss = loss_i2t + loss_t2i + settings.reg_weight * prompt_l2(prompt_learner.ctx)
@@ -201,15 +256,16 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
                 buffer.add(step, {
                     "prompt_loss": loss.detach(), "i2t_loss": loss_i2t.detach(), "t2i_loss": loss_t2i.detach(),
                     "prompt_norm": ctx.norm(dim=-1).mean(), "prompt_var": ctx.var(),
+                    "prompt_class_var": ctx.var(dim=0).mean() if ctx.shape[0] > 1 else torch.zeros((), device=device),
                     "prompt_grad": grad.norm() if grad is not None else torch.zeros((), device=device),
-                    "logits_std": (img @ text.t() * scale).std(), "lr": lr})
+                    "logits_std": (img @ text.t() * scale).std(correction=0), "lr": lr})
             epoch_loss += loss.detach()
             step += 1
             if (step - start_step) % settings.log_every == 0:
                 last = buffer.flush() or last
         last = buffer.flush() or last
         scheduler.step()
-        retrieval = validate_stage1_prompts(clip_model, prompt_learner, image_feats, labels)
+        retrieval = validate_stage1_prompts(clip_model, prompt_learner, image_feats, labels, raw_dot=raw_dot)
         tracker.log_metrics({"prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"],
                              "prompt_epoch_loss": float(epoch_loss) / batches}, step=epoch + 1)
         bar.set_postfix(loss=f"{float(epoch_loss) / batches:.3f}", r1=f"{retrieval['rank1']:.1f}",
@@ -230,12 +286,12 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
 
 def _image_stage_trainables(clip_model: nn.Module, prompt_learner: nn.Module | None,
                             settings: ImageStageSettings, log: Log) -> list[nn.Parameter]:
-    """Set which parameters train in the image stage and return them: the image encoder, BNNeck
-    (its bias stays frozen, as in BoT) and ArcFace; the text encoder and the prompt when asked."""
+    """Set which parameters train in the image stage and return them: the image encoder, the
+    head (BNNeck weights, their bias stays frozen as in BoT, and ID classifiers); the text
+    encoder and the prompt when asked."""
     freeze_entire_clip_model(clip_model)
     unfreeze_clip_image_encoder(clip_model, log)
-    clip_model.bottleneck.weight.requires_grad_(True)
-    for p in clip_model.arcface.parameters():
+    for p in head_parameters(clip_model):
         p.requires_grad_(True)
     if settings.train_text_encoder:
         unfreeze_clip_text_encoder(clip_model, log)
@@ -251,29 +307,73 @@ def _image_stage_trainables(clip_model: nn.Module, prompt_learner: nn.Module | N
     return params
 
 
+def _param_groups(clip_model: nn.Module, prompt_learner: nn.Module | None, params: list[nn.Parameter],
+                  settings: ImageStageSettings) -> list[dict]:
+    """Adam parameter groups: biases get lr x bias_lr_factor and weight_decay_bias (the official
+    make_optimizer_2stage); everything else lr and weight_decay."""
+    wanted = {id(p) for p in params}
+    named = list(clip_model.named_parameters())
+    if prompt_learner is not None:
+        named += [(f"prompt_learner.{n}", p) for n, p in prompt_learner.named_parameters()]
+    bias = [p for n, p in named if id(p) in wanted and "bias" in n]
+    bias_ids = {id(p) for p in bias}
+    rest = [p for p in params if id(p) not in bias_ids]
+    groups = [{"params": rest, "lr": settings.lr, "weight_decay": settings.weight_decay}]
+    if bias:
+        decay = settings.weight_decay if settings.weight_decay_bias is None else settings.weight_decay_bias
+        groups.append({"params": bias, "lr": settings.lr * settings.bias_lr_factor, "weight_decay": decay})
+    return groups
+
+
+def eval_splits(loaders) -> tuple[EvalSplit, EvalSplit]:
+    """(selection split, test split) of ``data.Loaders``: selection reads the validation hold-out
+    when there is one, else the test query/gallery."""
+    data = loaders.data
+    test = EvalSplit("test", loaders.query, loaders.gallery, [r.pid for r in data.query],
+                     [r.pid for r in data.gallery], *(([r.camid for r in data.query], [r.camid for r in data.gallery])
+                                                      if data.has_cameras else (None, None)))
+    if getattr(loaders, "val_query", None) is None:
+        return test, test
+    cams = (([r.camid for r in data.val_query], [r.camid for r in data.val_gallery])
+            if data.val_has_cameras else (None, None))
+    val = EvalSplit("val", loaders.val_query, loaders.val_gallery, [r.pid for r in data.val_query],
+                    [r.pid for r in data.val_gallery], *cams)
+    return val, test
+
+
+METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
 def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module | None, loaders,
                                settings: ImageStageSettings, device: torch.device, tracker: Tracker,
                                log: Log = print, report: Report | None = None,
                                checkpoint_path: Callable[[str], Path] | None = None,
                                metadata: dict | None = None, start_step: int = 0,
                                resume_from: Path | None = None) -> dict:
-    """Fine-tune the image encoder (+ BNNeck, ArcFace; the text encoder when asked) and validate
-    each epoch. ``loaders`` is ``data.Loaders``; ``prompt_learner`` may be None when no loss
-    needs text. ``checkpoint_path(tag)`` names the ``BEST`` / ``FINAL`` files;
-    ``report(epoch, metrics)`` gets every validation (pruning hooks in here). A ``LAST``
-    checkpoint is written after every epoch; ``resume_from`` (such a file) restores the whole
-    training state and goes on from the epoch after it. Returns the best and final metrics,
-    ``best_epoch``, ``steps`` and ``seconds``."""
+    """Fine-tune the image encoder (+ the head; the text encoder when asked) and validate each
+    epoch on the selection split (``eval_splits``: the validation hold-out, else the test split).
+    ``loaders`` is ``data.Loaders``; ``prompt_learner`` may be None when no loss needs text.
+    ``checkpoint_path(tag)`` names the ``BEST`` / ``FINAL`` files; BEST is the epoch with the
+    highest ``select_metric``; ``report(epoch, metrics)`` gets every validation (pruning hooks in
+    here). A ``LAST`` checkpoint is written after every epoch; ``resume_from`` (such a file)
+    restores the whole training state and goes on from the epoch after it. At the end the BEST
+    and FINAL models are evaluated once on the test split. Returns ``best_*`` and ``final_*``
+    (selection split), ``test_*`` (BEST on test), ``final_test_*`` (FINAL on test), ``best_epoch``,
+    ``selection``, ``steps`` and ``seconds``."""
     started = time.perf_counter()
     losses = build_loss(settings.loss_list)
     use_text = losses.needs_text and prompt_learner is not None
     params = _image_stage_trainables(clip_model, prompt_learner, settings, log)
     text_trains = use_text and (settings.train_text_encoder or not settings.freeze_prompt)
-    optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min)
+    optimizer = torch.optim.Adam(_param_groups(clip_model, prompt_learner, params, settings))
+    scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min,
+                                settings.warmup_factor, settings.lr_schedule, settings.lr_steps, settings.lr_gamma)
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
-    best = {"rank1": -1.0, "mAP": 0.0, "rank5": 0.0, "rank10": 0.0}
+    selection, test = eval_splits(loaders)
+    select = settings.select_metric
+    best = {k: (-1.0 if k == select else 0.0) for k in METRIC_KEYS}
+    best_state: dict | None = None
     best_epoch, step, metrics, first_epoch, train_loss = 0, start_step, {}, 0, float("nan")
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
@@ -285,26 +385,28 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
         best, metrics, train_loss = dict(progress["best"]), dict(state["val_metrics"]), state["train_loss"]
         start_step = step - progress["stage_steps"]
         log(f"resuming the image stage after epoch {first_epoch} (global step {step})")
-    scale = _logit_scale(clip_model, settings.logit_scale)
+    raw_dot = settings.i2t_logit_mode == "raw_dot"
+    scale = 1.0 if raw_dot else _logit_scale(clip_model, settings.logit_scale)
+    normalized = settings.train_feature == "normalized"
+    all_classes = settings.i2t_mode == "all_classes"
+    weights = settings.loss_weights
 
     cached_text = None
-    if use_text and not text_trains:
-        # Nothing on the text side trains: encode every class once, not every batch.
+    if use_text and (not text_trains or all_classes):
+        # Nothing on the text side trains: encode every class once, not every batch. (With
+        # all_classes and a training text side, the official code does the same: once per stage.)
         with torch.no_grad(), autocast_for(device, settings.amp):
-            cached_text = all_text_features(clip_model, prompt_learner).float()
+            cached_text = all_text_features(clip_model, prompt_learner, normalize=not raw_dot).float()
 
-    data = loaders.data
-    q_pids = [r.pid for r in data.query]
-    g_pids = [r.pid for r in data.gallery]
-    q_cams = [r.camid for r in data.query] if data.has_cameras else None
-    g_cams = [r.camid for r in data.gallery] if data.has_cameras else None
     buffer = StepMetrics(tracker, "image")
     zero = torch.zeros((), device=device)
+    branches = head_branches(clip_model)
+    spec = settings.feature_spec
 
     def save(tag: str, epoch: int) -> None:
         progress = {"global_step": step, "stage_steps": step - start_step, "best": best, "best_epoch": best_epoch}
         save_checkpoint(checkpoint_path(tag), model=clip_model, optimizer=optimizer, scheduler=scheduler,
-                        classifier=clip_model.arcface, prompt_learner=prompt_learner,
+                        classifier=branches[0][1], prompt_learner=prompt_learner,
                         extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
                         metadata={**(metadata or {}), "progress": progress}, epoch=epoch, train_loss=train_loss,
                         val_metrics={k: v for k, v in metrics.items() if k != "num_valid_q"}, tag=tag,
@@ -317,26 +419,38 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
             prompt_learner.train()
         lr = optimizer.param_groups[0]["lr"]
         epoch_loss = torch.zeros((), device=device)
+        batches = 0
         bar = tqdm(loaders.train, desc=f"image stage {epoch + 1}/{settings.epochs}", unit="batch",
                    dynamic_ncols=True, leave=False)
         for images, labels, _, _ in bar:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast_for(device, settings.amp):
-                image_feats = F.normalize(encode_images(clip_model, images).float(), dim=1)
-                feats_bn = clip_model.bottleneck(image_feats)
-                arc_logits = clip_model.arcface(feats_bn, labels)
+                raw = image_features_for_head(clip_model, images, settings.pre_proj, normalized=False)
+                feats = [F.normalize(f, dim=1) for f in raw] if normalized else raw
+                feats_bn = [bottleneck(f) for (bottleneck, _), f in zip(branches, feats)]
+                logits = [classifier(f, labels) for (_, classifier), f in zip(branches, feats_bn)]
                 if use_text:
-                    text = cached_text[labels] if cached_text is not None else \
-                        text_features(clip_model, prompt_learner, labels).float()
+                    text = cached_text if all_classes else (
+                        cached_text[labels] if cached_text is not None else
+                        text_features(clip_model, prompt_learner, labels, normalize=not raw_dot).float())
+            image_text = raw[0] if raw_dot else feats[0] if normalized else F.normalize(raw[0], dim=1)
             parts = {
-                "id_loss": id_loss(arc_logits, labels, settings.label_smoothing) if losses.id else zero,
-                "tri_loss": triplet_loss(image_feats, labels, settings.triplet_margin) if losses.triplet else zero,
-                "center_loss": center(feats_bn, labels) if losses.center else zero,
-                "i2t_loss": supcon_loss(image_feats, text, labels, labels, scale) if losses.i2t and use_text else zero,
-                "t2i_loss": supcon_loss(text, image_feats, labels, labels, scale) if losses.t2i and use_text else zero,
+                "id_loss": sum(id_loss(l, labels, settings.label_smoothing) for l in logits) if losses.id else zero,
+                "tri_loss": sum(triplet_loss(f, labels, settings.triplet_margin) for f in feats)
+                if losses.triplet else zero,
+                "center_loss": center(feats_bn[0], labels) if losses.center else zero,
+                "i2t_loss": zero, "t2i_loss": zero,
             }
-            loss = (parts["id_loss"] + parts["tri_loss"] + parts["i2t_loss"] + parts["t2i_loss"]
+            if use_text:
+                if losses.i2t:
+                    parts["i2t_loss"] = (i2t_all_classes_loss(image_text, text, labels, scale,
+                                                              settings.i2t_label_smoothing) if all_classes
+                                         else supcon_loss(image_text, text, labels, labels, scale))
+                if losses.t2i:
+                    parts["t2i_loss"] = supcon_loss(text, image_text, labels, labels, scale)
+            loss = (weights["id"] * parts["id_loss"] + weights["triplet"] * parts["tri_loss"]
+                    + weights["i2t"] * parts["i2t_loss"] + weights["t2i"] * parts["t2i_loss"]
                     + settings.center_loss_weight * parts["center_loss"])
             optimizer.zero_grad(set_to_none=True)
             optimizer_center.zero_grad(set_to_none=True)
@@ -347,10 +461,11 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                 optimizer_center.step()
             with torch.no_grad():
                 row = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()},
-                       "feat_norm": feats_bn.detach().float().norm(dim=1).mean(),
-                       "arc_conf": arc_logits.detach().float().softmax(1).amax(1).mean(), "lr": lr}
+                       "feat_norm": feats_bn[0].detach().float().norm(dim=1).mean(),
+                       "arc_conf": logits[0].detach().float().softmax(1).amax(1).mean(), "lr": lr}
             buffer.add(step, row)
             epoch_loss += loss.detach()
+            batches += 1
             step += 1
             if (step - start_step) % settings.log_every == 0:
                 last = buffer.flush()
@@ -358,18 +473,17 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                                 tri=f"{last['tri_loss']:.3f}", cen=f"{last['center_loss']:.1f}",
                                 feat_n=f"{last['feat_norm']:.2f}", arc_c=f"{last['arc_conf']:.2f}")
         buffer.flush()
-        train_loss = float(epoch_loss) / max(1, len(loaders.train))
+        train_loss = float(epoch_loss) / max(1, batches)
         scheduler.step()
-        metrics = validate(clip_model, loaders.query, loaders.gallery, device, q_pids, g_pids, q_cams, g_cams,
-                           neck=settings.eval_neck, max_rank=settings.max_rank, amp=settings.amp)
-        tracker.log_metrics({k: metrics[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")} |
-                            {"epoch_loss": train_loss}, step=epoch + 1)
-        improved = metrics["rank1"] > best["rank1"]
-        log(f"image epoch {epoch + 1}/{settings.epochs}: loss {train_loss:.4f} lr {lr:.2e} | rank1 "
+        metrics = validate(clip_model, selection, device, spec, max_rank=settings.max_rank, amp=settings.amp)
+        tracker.log_metrics({k: metrics[k] for k in METRIC_KEYS} | {"epoch_loss": train_loss}, step=epoch + 1)
+        improved = metrics[select] > best[select]
+        log(f"image epoch {epoch + 1}/{settings.epochs}: loss {train_loss:.4f} lr {lr:.2e} | {selection.name} rank1 "
             f"{metrics['rank1']:.2f} rank5 {metrics['rank5']:.2f} rank10 {metrics['rank10']:.2f} "
             f"mAP {metrics['mAP']:.2f}" + ("  (best)" if improved else ""))
         if improved:
             best, best_epoch = {k: float(v) for k, v in metrics.items()}, epoch + 1
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in clip_model.state_dict().items()}
             if checkpoint_path is not None:
                 save("BEST", epoch + 1)
         if checkpoint_path is not None:
@@ -378,7 +492,22 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
             report(epoch + 1, metrics)
     if checkpoint_path is not None:
         save("FINAL", settings.epochs)
+    seconds = time.perf_counter() - started
+    final_test = validate(clip_model, test, device, spec, max_rank=settings.max_rank, amp=settings.amp)
+    if best_state is None and best_epoch and checkpoint_path is not None:  # resumed: BEST is on disk
+        best_state = load_checkpoint(checkpoint_path("BEST"), model=clip_model, device=device,
+                                     restore_rng=False)["model_state_dict"]
+    if best_state is not None and best_epoch != settings.epochs:
+        clip_model.load_state_dict(best_state)
+        best_test = validate(clip_model, test, device, spec, max_rank=settings.max_rank, amp=settings.amp)
+    else:
+        best_test = final_test
+    log(f"test split: BEST (epoch {best_epoch}, selected on {selection.name} {select}) rank1 {best_test['rank1']:.2f} "
+        f"mAP {best_test['mAP']:.2f} mINP {best_test['mINP']:.2f} | FINAL rank1 {final_test['rank1']:.2f} "
+        f"mAP {final_test['mAP']:.2f} mINP {final_test['mINP']:.2f}")
     return {"best_rank1": best["rank1"], "best_mAP": best["mAP"], "best_rank5": best["rank5"],
-            "best_rank10": best["rank10"], "best_epoch": best_epoch,
-            **{f"final_{k}": metrics[k] for k in ("rank1", "rank5", "rank10", "mAP")},
-            "steps": step - start_step, "seconds": time.perf_counter() - started}
+            "best_rank10": best["rank10"], "best_mINP": best.get("mINP", 0.0), "best_epoch": best_epoch,
+            **{f"final_{k}": metrics[k] for k in METRIC_KEYS},
+            **{f"test_{k}": best_test[k] for k in METRIC_KEYS},
+            **{f"final_test_{k}": final_test[k] for k in METRIC_KEYS},
+            "selection": selection.name, "steps": step - start_step, "seconds": seconds}
