@@ -115,6 +115,8 @@ def test_recipe_cross_field_checks():
         config.load(None, ["lr_schedule=multistep", "lr_steps=[30, 50]", "epochs_image=40"])
     with pytest.raises(ConfigError, match="^i2t_mode: all_classes has no t2i"):
         config.load(None, ["i2t_mode=all_classes"])
+    with pytest.raises(ConfigError, match="^i2t_mode: all_classes encodes"):
+        config.load(None, ["i2t_mode=all_classes", "loss_list=[id, i2t]", "freeze_prompt=false"])
     cfg = config.load(None, ["i2t_mode=all_classes", "loss_list=[id, triplet, i2t]", "triplet_margin=null"])
     assert cfg.losses == ("id", "triplet", "i2t") and cfg.triplet_margin is None
     assert config.load(None, ["val_identities=12"]).has_holdout and not config.load(None).has_holdout

@@ -372,6 +372,10 @@ class Config:
             bad("val_identities", f"must be 0, a fraction below 1 or a whole count, got {self.val_identities}")
         if "t2i" in self.losses and self.i2t_mode == "all_classes":
             bad("i2t_mode", "all_classes has no t2i term (as the official stage 2); remove t2i from loss_list")
+        if self.i2t_mode == "all_classes" and "i2t" in self.losses and \
+                (self.train_text_encoder or not self.freeze_prompt):
+            bad("i2t_mode", "all_classes encodes every identity's text once per stage (as the official stage 2), "
+                            "so nothing on the text side can train: set freeze_prompt: true, train_text_encoder: false")
         if self.arcface_scale <= 0 or not 0 <= self.arcface_margin < 1.6:
             bad("arcface_margin" if self.arcface_scale > 0 else "arcface_scale",
                 "scale must be > 0 and margin within [0, 1.6) radians")

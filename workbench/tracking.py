@@ -300,7 +300,7 @@ def runs_table(tracking_uri: str, experiment: str | None = None, study: str | No
         return frame
     wanted = ["tags.mlflow.runName", "run_id", "status", "tags.trial_number", "tags.state", "params.n_ctx",
               "params.lr", "params.center_loss_weight", f"metrics.{metric}", "metrics.best_rank1", "metrics.best_mAP",
-              "metrics.rank1", "metrics.mAP"]
+              "metrics.test_rank1", "metrics.test_mAP", "tags.selection"]
     columns = list(dict.fromkeys(c for c in wanted if c in frame.columns))
     frame = frame[columns].rename(columns=lambda c: c.split(".", 1)[1] if "." in c else c)
     if metric in frame.columns:
