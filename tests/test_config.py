@@ -126,3 +126,9 @@ def test_recipe_cross_field_checks():
 def test_every_experiment_loads_with_a_holdout(path):
     cfg = config.load(path)
     assert cfg.has_holdout, f"{path} selects on the test split"
+
+
+@pytest.mark.parametrize("key", ["val_identities", "val_seed", "seed", "select_metric", "synth_identities"])
+def test_tuning_may_not_search_the_data_or_the_selection(key):
+    with pytest.raises(ConfigError, match=f"^tune.space.{key}: not a tunable config key"):
+        config.load(None, [f"tune.space={{{key}: {{type: int, low: 1, high: 3}}}}"])

@@ -235,3 +235,24 @@ def test_image_parts_project_to_encode_image(name):
         assert torch.allclose(proj, model.encode_image(images), atol=1e-5)
     assert (pre.shape[1], proj.shape[1]) == infer_feat_dims(model, (64, 32))
     assert not torch.allclose(pre, proj) if pre.shape == proj.shape else True  # the projection is applied
+
+
+def test_a_file_that_is_no_weights_file_says_so_without_torch_advice(tmp_path):
+    from workbench.model import ModelError
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(ModelError, match="not a PyTorch state dict, TorchScript archive or safetensors file") as err:
+        load_clip_with_patch("wb-tiny", pretrained=str(junk), image_size=(64, 32))
+    assert "weights_only" not in str(err.value)
+
+
+def test_a_weights_file_loads_without_the_random_init_warning(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "w.pt"
+    torch.save(load_clip_with_patch("wb-tiny", pretrained=None, image_size=(64, 32)).state_dict(), path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_clip_with_patch("wb-tiny", pretrained=str(path), image_size=(64, 32))
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]

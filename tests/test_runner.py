@@ -73,6 +73,15 @@ def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path, capsys):
     assert main(["eval", str(cfg_path), "--checkpoint", str(run_dir / f"{stem}_FINAL.pth")]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"mAP {result['final_test_mAP']:.2f}" in out
+    # evaluating with another config says what differs, or why the weights do not fit
+    assert main(["eval", str(cfg_path), "--checkpoint", str(run_dir / f"{stem}_BEST.pth"),
+                 "--set", "eval_neck_feat=after"]) == 0
+    assert "warning: the checkpoint was trained with eval_neck_feat='before' (now 'after')" in capsys.readouterr().out
+    assert main(["eval", str(cfg_path), "--checkpoint", str(run_dir / f"{stem}_BEST.pth"),
+                 "--set", "val_identities=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "size mismatch" in err and "_config.yaml of its run folder" in err
+    assert run.data.metrics["num_valid_selection_query"] > 0
 
 
 @pytest.mark.parametrize("mode, extra", [("prompt_only", []), ("image_only", ["epochs_prompt=0"])])

@@ -116,6 +116,8 @@ def test_multistep_schedule_against_the_official_formula():
     for e in range(10, 60):  # after warm-up the decays fall on the same (1-based) epochs 30 and 50
         assert ours[e] == pytest.approx(official_warmup_multistep(e + 1, [30, 50], 0.1, 0.1, 10))
     assert ours[28] == 1.0 and ours[29] == pytest.approx(0.1) and ours[49] == pytest.approx(0.01)
+    # a decay that falls inside the warm-up multiplies it, as in the official scheduler
+    assert lr_factor(1, 10, 4, 1e-3, 1e-6, 0.2, "multistep", (2,), 0.5) == pytest.approx((0.2 + 0.8 / 4) * 0.5)
     # the default warm-up factor keeps the original ramp (e + 1) / (w + 1)
     assert [lr_factor(e, 10, 3, 1e-3, 1e-6) for e in range(3)] == pytest.approx([1 / 4, 2 / 4, 3 / 4])
 

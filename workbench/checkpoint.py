@@ -118,7 +118,8 @@ def _load_module(module: nn.Module, state: dict, what: str, log: Callable[[str],
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{what}: {str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise CheckpointError(f"{what}: {' '.join(lines[:2])[:400]}") from None
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, device: torch.device | str = "cpu",

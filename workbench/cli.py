@@ -192,7 +192,13 @@ def cmd_eval(args) -> int:
     data = load_data(cfg)
     loaders, model, _, _ = build_model_and_loaders(cfg, data, device)
     if args.checkpoint:
-        load_checkpoint(args.checkpoint, model=model, device=device, restore_rng=False, log=print)
+        from .checkpoint import CheckpointError
+
+        try:
+            state = load_checkpoint(args.checkpoint, model=model, device=device, restore_rng=False, log=print)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} (evaluate a checkpoint with the _config.yaml of its run folder)") from None
+        _warn_config_differences(state.get("metadata", {}).get("config"), cfg)
     selection, test = eval_splits(loaders)
     if args.split == "val" and selection.name != "val":
         raise config.ConfigError("--split val: this config has no validation split (set val_identities)")
@@ -201,6 +207,23 @@ def cmd_eval(args) -> int:
                           ImageStageSettings.from_config(cfg).feature_spec, max_rank=cfg.max_rank, amp=cfg.amp)
     print("rank1 {rank1:.2f}  rank5 {rank5:.2f}  rank10 {rank10:.2f}  mAP {mAP:.2f}  mINP {mINP:.2f}".format(**result))
     return 0
+
+
+# Keys that change neither the model nor how it is evaluated.
+_BOOKKEEPING = {"experiment", "variant", "output_dir", "tracking_uri", "device", "log_every", "save_checkpoints",
+                "log_checkpoints", "num_workers", "test_batch_size", "tune"}
+
+
+def _warn_config_differences(trained: dict | None, cfg) -> None:
+    """One line naming the keys where the checkpoint's training config and ``cfg`` differ."""
+    if not trained:
+        return
+    now = cfg.to_dict()
+    differ = [k for k in now if k not in _BOOKKEEPING and k in trained and trained[k] != now[k]]
+    if differ:
+        shown = ", ".join(f"{k}={trained[k]!r} (now {now[k]!r})" for k in differ[:5])
+        print(f"warning: the checkpoint was trained with {shown}{' ...' if len(differ) > 5 else ''}; "
+              f"the numbers may differ from its run's")
 
 
 def cmd_data_synth(args) -> int:

@@ -56,7 +56,11 @@ PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random", "cmaes")
 _SPEC_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
               "categorical": {"type", "choices"}}
-_UNTUNABLE = {"tune", "experiment", "output_dir", "tracking_uri", "data_root", "device"}
+# Keys a study may not search: bookkeeping, and what defines the data or the selection split (trials
+# scored on different held-out identities, or by different metrics, are not comparable).
+_UNTUNABLE = {"tune", "experiment", "output_dir", "tracking_uri", "data_root", "device", "seed", "val_identities",
+              "val_seed", "select_metric", "synthesize_if_missing", "synth_identities", "synth_test_identities",
+              "synth_images_per_identity"}
 
 
 def _check_search_dimension(name: str, spec) -> None:

@@ -5,6 +5,8 @@ stages decide when.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import re
@@ -134,7 +136,12 @@ def resolve_weights(name: str, pretrained: str | None, quick_gelu: bool | None =
         try:
             weights, why = _read_weights_file(os.path.expanduser(pretrained))
         except Exception as err:  # a corrupt or foreign file can fail in many ways inside torch/zipfile
-            raise ModelError(f"cannot load {name} with pretrained={pretrained!r}: {_first_line(err)}") from None
+            why = _first_line(err)
+            if "weights_only" in str(err) or isinstance(err, (EOFError, zipfile.BadZipFile)) or \
+                    type(err).__name__ == "UnpicklingError":
+                # torch's advice to retry without weights_only would run the file's pickled code
+                why = "not a PyTorch state dict, TorchScript archive or safetensors file"
+            raise ModelError(f"cannot load {name} with pretrained={pretrained!r}: {why}") from None
         certain = detected = why is not None
         if not certain:
             detected, why = _activation_by_name(name)
@@ -151,6 +158,26 @@ def resolve_weights(name: str, pretrained: str | None, quick_gelu: bool | None =
         _say(log, f"warning: quick_gelu: {str(bool(quick_gelu)).lower()} builds {_activation(quick_gelu)}, but the "
                   f"weights were trained with {_activation(detected)} ({why}); features will be off")
     return weights, bool(quick_gelu), "quick_gelu key"
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool):
+    """open_clip warns 'No pretrained weights loaded ... initialized randomly' when it builds a model
+    whose weights workbench loads itself from a file right after; drop that line then."""
+    if not active:
+        yield
+        return
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -211,10 +238,11 @@ def load_clip_with_patch(model_type: str, device: torch.device | str = "cpu", fr
     try:
         # Only the quick_gelu model kwarg can turn a -quickgelu config back to GELU;
         # force_quick_gelu keeps open_clip's own tag-mismatch warning in step with it.
-        model = open_clip.create_model(
-            name, pretrained=weights if isinstance(weights, str) else None,
-            force_quick_gelu=quick_gelu, quick_gelu=quick_gelu,
-            force_image_size=None if resnet else image_size, device="cpu")
+        with _quiet_random_init_warning(isinstance(weights, dict)):  # the weights are loaded next, here
+            model = open_clip.create_model(
+                name, pretrained=weights if isinstance(weights, str) else None,
+                force_quick_gelu=quick_gelu, quick_gelu=quick_gelu,
+                force_image_size=None if resnet else image_size, device="cpu")
         if isinstance(weights, dict):
             _load_state_dict(model, weights)
     except (RuntimeError, OSError, KeyError, ValueError) as err:

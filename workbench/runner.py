@@ -90,8 +90,7 @@ def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
 
 def run_tags(cfg: Config) -> dict[str, str]:
     return {"stage_mode": cfg.stage_mode, "model": cfg.model_type, "dataset": cfg.dataset, "aspect": cfg.aspect,
-            "variant": cfg.variant, "git_commit": git_commit(), "config_hash": cfg.hash(),
-            "select_metric": cfg.select_metric}
+            "variant": cfg.variant, "git_commit": git_commit(), "config_hash": cfg.hash()}
 
 
 class FeatureCache:
@@ -253,7 +252,10 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
         f"{len(data.gallery)} gallery, cameras {'known' if data.has_cameras else 'unknown'}")
     selection = "val" if data.has_validation else "test"
     if cfg.trains_image:
-        tracker.set_tags({"selection": selection})
+        tracker.set_tags({"selection": selection, "select_metric": cfg.select_metric})
+        if data.val_source == "holdout" and (Path(cfg.data_root) / "val").is_dir():
+            log(f"note: {Path(cfg.data_root) / 'val'} is not used: val_identities draws the hold-out from train/ "
+                f"(set val_identities: 0 to validate on the folder)")
         if data.has_validation:
             log(f"validation ({data.val_source}): {len(data.val_query)} query and {len(data.val_gallery)} gallery "
                 f"images of {len({r.pid for r in data.val_gallery})} identities held out from training; BEST is "

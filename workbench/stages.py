@@ -47,11 +47,14 @@ def lr_factor(epoch: int, epochs: int, warmup_epochs: int, base_lr: float, eta_m
     to 1. Then ``cosine`` from base_lr to eta_min over the remaining epochs, or ``multistep``:
     x gamma at each of ``steps`` (1-based epochs, as the official WarmupMultiStepLR counts:
     steps [30, 50] lower the rate from the 30th and the 50th epoch on)."""
+    warm = 1.0
     if epoch < warmup_epochs:
         start = 1.0 / (warmup_epochs + 1) if warmup_factor is None else warmup_factor
-        return start + (1.0 - start) * epoch / warmup_epochs
-    if schedule == "multistep":
-        return gamma ** bisect.bisect_right(list(steps), epoch + 1)
+        warm = start + (1.0 - start) * epoch / warmup_epochs
+    if schedule == "multistep":  # as the official WarmupMultiStepLR: a decay inside the warm-up applies too
+        return warm * gamma ** bisect.bisect_right(list(steps), epoch + 1)
+    if epoch < warmup_epochs:
+        return warm
     span = max(1, epochs - warmup_epochs)
     progress = min(1.0, (epoch - warmup_epochs) / span)
     floor = min(1.0, eta_min / base_lr)
@@ -393,8 +396,8 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
 
     cached_text = None
     if use_text and (not text_trains or all_classes):
-        # Nothing on the text side trains: encode every class once, not every batch. (With
-        # all_classes and a training text side, the official code does the same: once per stage.)
+        # Nothing on the text side trains (config refuses all_classes with a training text side):
+        # encode every class once, not every batch, as the official stage 2 does.
         with torch.no_grad(), autocast_for(device, settings.amp):
             cached_text = all_text_features(clip_model, prompt_learner, normalize=not raw_dot).float()
 
@@ -477,6 +480,11 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
         scheduler.step()
         metrics = validate(clip_model, selection, device, spec, max_rank=settings.max_rank, amp=settings.amp)
         tracker.log_metrics({k: metrics[k] for k in METRIC_KEYS} | {"epoch_loss": train_loss}, step=epoch + 1)
+        if epoch == first_epoch:
+            tracker.log_metrics({"num_valid_selection_query": metrics["num_valid_q"]}, step=0)
+            if metrics["num_valid_q"] < len(selection.q_pids):
+                log(f"{selection.name}: {metrics['num_valid_q']} of {len(selection.q_pids)} queries have a match left "
+                    f"once same-identity same-camera gallery images are removed; the others are skipped")
         improved = metrics[select] > best[select]
         log(f"image epoch {epoch + 1}/{settings.epochs}: loss {train_loss:.4f} lr {lr:.2e} | {selection.name} rank1 "
             f"{metrics['rank1']:.2f} rank5 {metrics['rank5']:.2f} rank10 {metrics['rank10']:.2f} "
