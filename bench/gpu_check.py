@@ -15,7 +15,8 @@ import torch
 
 from workbench import config
 from workbench.data import build_loaders, load_reid_dataset, synthesize_dataset
-from workbench.model import PromptLearner, load_clip_with_patch, register_bnneck_and_arcface
+from workbench.heads import register_bnneck_and_arcface
+from workbench.model import PromptLearner, load_clip_with_patch
 from workbench.runner import train_joint
 from workbench.stages import ImageStageSettings, train_clipreid_image_stage
 from workbench.tracking import NullTracker

@@ -202,3 +202,14 @@ def test_pk_sampler_length_matches_batches(labels, batch_size, num_instances):
     sampler.set_epoch(3)
     sampler.set_epoch(2)
     assert list(sampler) == first
+
+
+def test_holdout_gallery_image_comes_from_the_rarest_camera():
+    from workbench.data import Record, _one_gallery_image_per_identity
+
+    records = [Record(f"a{i}.png", "a", cam) for i, cam in enumerate([1, 1, 1, 2])] + \
+              [Record(f"b{i}.png", "b", cam) for i, cam in enumerate([3, 1, 1, 3, 3])]
+    for seed in range(5):
+        query, gallery = _one_gallery_image_per_identity(records, seed)
+        assert [(r.pid, r.camid) for r in gallery] == [("a", 2), ("b", 1)]
+        assert len(query) == 7  # every query now has a match from another camera

@@ -2,18 +2,19 @@
 import ast
 from pathlib import Path
 
-ORDER = ["config", "data", "model", "losses", "evaluation", "checkpoint", "tracking", "stages", "runner",
+ORDER = ["config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages", "runner",
          "tuning", "cli"]
 ALLOWED = {
     "config": set(),
     "data": {"config"},
     "model": {"config"},
+    "heads": {"config", "model"},
     "losses": set(),
-    "evaluation": {"config", "model"},
+    "evaluation": {"config", "model", "heads"},
     "checkpoint": set(),
     "tracking": {"config"},
-    "stages": {"config", "data", "model", "losses", "evaluation", "checkpoint", "tracking"},
-    "runner": {"config", "data", "model", "losses", "evaluation", "checkpoint", "tracking", "stages"},
+    "stages": {"config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking"},
+    "runner": {"config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages"},
     "tuning": {"config", "runner", "tracking"},
     "cli": set(ORDER) - {"cli"},
 }

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from workbench.data import build_loaders, load_reid_dataset, synthesize_dataset
-from workbench.model import PromptLearner, load_clip_with_patch, register_bnneck_and_arcface
+from workbench.heads import register_bnneck_and_arcface
+from workbench.model import PromptLearner, load_clip_with_patch
 from workbench.stages import (ImageStageSettings, NonFiniteLossError, PromptStageSettings, StepMetrics,
                               cosine_factor, train_clipreid_image_stage, train_clipreid_prompt_stage)
 from workbench.tracking import RecordingTracker
@@ -135,7 +136,7 @@ def official_settings(**changes):
 
 def test_official_recipe_trains_its_head_and_losses(two_ids, tmp_path):
     from workbench.evaluation import FeatureSpec, extract_features
-    from workbench.model import head_branches, infer_feat_dims
+    from workbench.heads import head_branches, infer_feat_dims
     from workbench.stages import _image_stage_trainables, _param_groups
 
     data = load_reid_dataset(two_ids)

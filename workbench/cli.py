@@ -94,6 +94,10 @@ def cmd_tune(args) -> int:
     if not (cfg.has_holdout or (Path(cfg.data_root) / "val").is_dir()) and not args.select_on_test:
         raise config.ConfigError("val_identities: tuning needs a validation hold-out (set val_identities, e.g. 0.2) "
                                  "so that trials are not chosen on the test split; --select-on-test to do it anyway")
+    selected_on = config.TUNE_METRICS[cfg.tune.metric]
+    if cfg.tune.metric.startswith("best_") and selected_on != cfg.select_metric:
+        print(f"note: tune.metric {cfg.tune.metric} reads the epoch that select_metric {cfg.select_metric} picked, "
+              f"not the epoch with the best {selected_on}", file=sys.stderr)
     options = TuneOptions(trials=args.trials, study_name=args.study_name or _study_name(args.config, args.set),
                           storage=args.storage, n_jobs=args.n_jobs, timeout=args.timeout, pruner=args.pruner,
                           sampler=args.sampler, tracking_uri=resolve_tracking_uri(args.tracking_uri, cfg),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -157,7 +158,11 @@ def _draw_holdout_pids(pids: list[str], val_identities: float, seed: int) -> set
 
 
 def _one_gallery_image_per_identity(records: Sequence[Record], seed: int) -> tuple[list[Record], list[Record]]:
-    """(query, gallery): one seeded image per identity to the gallery, the others to the query."""
+    """(query, gallery): one seeded image per identity to the gallery, the others to the query.
+
+    The gallery image is drawn among the identity's images from its least-seen camera: queries
+    from the gallery image's own camera have no match once same-camera matches are removed, so
+    this keeps the most queries evaluable (without cameras every image is a candidate)."""
     rng = np.random.default_rng(seed)
     by_pid: dict[str, list[Record]] = {}
     for r in records:
@@ -165,7 +170,10 @@ def _one_gallery_image_per_identity(records: Sequence[Record], seed: int) -> tup
     query, gallery = [], []
     for pid in sorted(by_pid):
         images = by_pid[pid]
-        pick = int(rng.integers(len(images)))
+        per_camera = Counter(r.camid for r in images)
+        rarest = min(per_camera.values())
+        candidates = [i for i, r in enumerate(images) if per_camera[r.camid] == rarest]
+        pick = candidates[int(rng.integers(len(candidates)))]
         gallery.append(images[pick])
         query.extend(r for i, r in enumerate(images) if i != pick)
     return query, gallery

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import all_text_features, head_branches, image_features_for_head
+from .heads import head_branches, image_features_for_head
+from .model import all_text_features
 
 
 class EvaluationError(ValueError):

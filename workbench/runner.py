@@ -21,7 +21,8 @@ from . import config as config_module
 from .config import Config, build_filename
 from .data import DataError, ReIDData, build_loaders, load_reid_dataset, synthesize_dataset
 from .checkpoint import atomic_torch_save, load_checkpoint
-from .model import PromptLearner, load_clip_with_patch, register_bnneck_and_arcface, resolve_model_name
+from .heads import register_bnneck_and_arcface
+from .model import PromptLearner, load_clip_with_patch, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
                      train_clipreid_prompt_stage)
 from .tracking import NullTracker, Tracker, run_params, save_curves
@@ -253,6 +254,10 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     selection = "val" if data.has_validation else "test"
     if cfg.trains_image:
         tracker.set_tags({"selection": selection, "select_metric": cfg.select_metric})
+        shared = {r.pid for r in data.val_query + data.val_gallery} & set(data.classnames)
+        if shared:
+            log(f"warning: {len(shared)} validation identities are also training identities (e.g. "
+                f"{sorted(shared)[0]}): validation then measures fit to seen people, not re-identification")
         if data.val_source == "holdout" and (Path(cfg.data_root) / "val").is_dir():
             log(f"note: {Path(cfg.data_root) / 'val'} is not used: val_identities draws the hold-out from train/ "
                 f"(set val_identities: 0 to validate on the folder)")

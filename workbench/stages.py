@@ -25,9 +25,9 @@ from .config import Config
 from .evaluation import EvalSplit, FeatureSpec, extract_features, validate, validate_stage1_prompts
 from .losses import (CenterLoss, build_loss, i2t_all_classes_loss, id_loss, prompt_l2, supcon_loss,
                      triplet_loss)
-from .model import (all_text_features, freeze_entire_clip_model, freeze_prompt_learner, head_branches,
-                    head_parameters, image_features_for_head, text_features, unfreeze_clip_image_encoder,
-                    unfreeze_clip_text_encoder)
+from .heads import head_branches, head_parameters, image_features_for_head
+from .model import (all_text_features, freeze_entire_clip_model, freeze_prompt_learner, text_features,
+                    unfreeze_clip_image_encoder, unfreeze_clip_text_encoder)
 from .tracking import Tracker
 
 Log = Callable[[str], None]
