@@ -132,3 +132,24 @@ def test_every_experiment_loads_with_a_holdout(path):
 def test_tuning_may_not_search_the_data_or_the_selection(key):
     with pytest.raises(ConfigError, match=f"^tune.space.{key}: not a tunable config key"):
         config.load(None, [f"tune.space={{{key}: {{type: int, low: 1, high: 3}}}}"])
+
+
+def test_search_space_numbers_written_like_1e_4_are_numbers(tmp_path):
+    from workbench.tuning import _in_space
+
+    cfg = config.load(write(tmp_path, "tune:\n  space:\n    lr: {type: float, low: 1e-5, high: 1e-3, log: true}\n"
+                                      "    n_ctx: {type: int, low: 2, high: 1e1}\n"))
+    assert cfg.tune.space["lr"] == {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}
+    assert cfg.tune.space["n_ctx"]["high"] == 10 and isinstance(cfg.tune.space["n_ctx"]["high"], int)
+    assert _in_space(1e-4, cfg.tune.space["lr"])
+
+
+def test_malformed_yaml_names_line_column_and_problem(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, "lr: 1e-4\nn_ctx: [4, 8\nseed: 1\n"))
+    message = str(err.value)
+    assert "line 3, column 5" in message and "expected ',' or ']'" in message and "\n" not in message
+    binary = tmp_path / "weights.pt"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a text file"):
+        config.load(binary)

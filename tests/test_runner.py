@@ -194,4 +194,8 @@ def test_interrupted_run_resumes_to_the_same_numbers(tiny_config, tmp_path, caps
     final = client.get_metric_history(run.info.run_id, "mAP")[-1].value
     assert final == pytest.approx(reference["final_mAP"], abs=1e-9)
     assert not list(run_dir.glob("*LAST*"))  # only needed while the run was unfinished
-    assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 2  # finished: nothing to resume
+    ended = client.get_run(run.info.run_id).info
+    assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 2  # finished: nothing to resume ...
+    assert "already finished" in capsys.readouterr().err
+    after = client.get_run(run.info.run_id).info  # ... and its record is left as it was
+    assert (after.status, after.end_time) == ("FINISHED", ended.end_time)

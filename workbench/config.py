@@ -99,6 +99,16 @@ def _as_number(where: str, value, kind: str):
     return value
 
 
+def _numeric_spec(name: str, spec: dict) -> dict:
+    if spec["type"] == "categorical":
+        return dict(spec)
+    out = dict(spec)
+    for key in ("low", "high", "step"):
+        if out.get(key) is not None:
+            out[key] = _as_number(f"space.{name}", out[key], spec["type"])
+    return out
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """The ``tune:`` section: what ``workbench tune`` maximises and over which space."""
@@ -132,6 +142,8 @@ class TuneConfig:
             raise ConfigError("space: is empty; name at least one config key to search")
         for name, spec in self.space.items():
             _check_search_dimension(name, spec)
+        # YAML reads 1e-4 (no dot) as a string: keep the numbers as numbers for the sampler.
+        object.__setattr__(self, "space", {name: _numeric_spec(name, spec) for name, spec in self.space.items()})
 
 
 @dataclass(frozen=True)
@@ -538,9 +550,18 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (expected a YAML experiment config)") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+        try:
+            values = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     values = apply_overrides(values, overrides)

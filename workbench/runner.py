@@ -154,6 +154,11 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
         run_dir = Path(resume_dir)
         if not (run_dir / f"{stem}_config.yaml").is_file():
             raise DataError(f"cannot resume: {run_dir} holds no {stem}_config.yaml (not a run folder of this config)")
+        # Checked before the MLflow run is reopened: a finished run's record stays as it is.
+        last = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
+        final = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
+        if not (cfg.trains_image and last.is_file()) and final.is_file():
+            raise DataError(f"cannot resume: the run in {run_dir} already finished ({final.name} exists)")
     else:
         base = Path(cfg.output_dir) / f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
         run_dir, n = base, 1
@@ -292,9 +297,6 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     prompt_path = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")
     last_path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
     resume_image = resume and cfg.trains_image and last_path.is_file()
-    final_path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
-    if resume and not resume_image and final_path.is_file():
-        raise DataError(f"cannot resume: the run in {run_dir} already finished ({final_path.name} exists)")
     if cfg.trains_prompt and resume and (prompt_path.is_file() or resume_image):
         if not resume_image:
             state = load_checkpoint(prompt_path, model=prompt_learner, device=device, restore_rng=False, log=log)
