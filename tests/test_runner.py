@@ -199,3 +199,33 @@ def test_interrupted_run_resumes_to_the_same_numbers(tiny_config, tmp_path, caps
     assert "already finished" in capsys.readouterr().err
     after = client.get_run(run.info.run_id).info  # ... and its record is left as it was
     assert (after.status, after.end_time) == ("FINISHED", ended.end_time)
+
+
+@pytest.mark.parametrize("override, expected", [("model_type=ViT-Z/99", "model_type: unknown CLIP model"),
+                                                ("device=cuda:7", "device: cuda:7 requested")])
+def test_model_and_device_mistakes_stop_before_a_run_exists(tiny_config, tmp_path, capsys, override, expected):
+    import torch
+
+    if override.startswith("device") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    uri = f"sqlite:///{tmp_path / 'early.db'}"
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(tiny_config.to_yaml())
+    assert main(["run", str(cfg_path), "--set", override, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"workbench: error: {expected}")
+    assert not Path(tiny_config.output_dir).exists()  # no run folder ...
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])  # ... and no MLflow run
+
+
+def test_multi_line_errors_keep_their_reason_on_one_line():
+    from workbench.cli import _one_line
+    from workbench.config import ConfigError
+
+    assert _one_line(ConfigError("model: Error(s) in loading state_dict for CLIP:\n\tsize mismatch for x")) == \
+        "model: Error(s) in loading state_dict for CLIP: size mismatch for x"
+    worker = ConfigError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File ...\nworkbench.data.DataError: cannot read image a.png")
+    assert _one_line(worker) == "cannot read image a.png"

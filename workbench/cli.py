@@ -6,6 +6,7 @@ stderr and exit status 2; Ctrl-C exits 130. Everything else is a bug and keeps i
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -24,10 +25,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _one_line(err: BaseException) -> str:
     # Errors raised inside DataLoader workers arrive wrapped with the worker's traceback text;
-    # the original message is its last line.
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else type(err).__name__
-    return text.removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
+    # the original message is its last line. Any other message keeps all its lines, joined.
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Traceback (most recent call last)" in str(err):
+        return re.sub(r"^[A-Za-z_][\w.]*(Error|Exception): ", "", lines[-1])
+    return " ".join(lines).removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
 
 
 def cmd_run(args) -> int:

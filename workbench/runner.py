@@ -148,6 +148,9 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
     finished epoch, and the same MLflow run receives the numbers."""
     cfg = config_module.load(cfg) if isinstance(cfg, (str, Path)) else cfg
     tracker = tracker or NullTracker()
+    # Mistakes found before anything starts leave no run folder and no MLflow run behind.
+    resolve_model_name(cfg.model_type)
+    select_device(cfg.device)
     stem = build_filename(cfg, cfg.epochs_image if cfg.trains_image else cfg.epochs_prompt,
                           "image" if cfg.trains_image else "prompt")
     if resume_dir is not None:
