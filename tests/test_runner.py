@@ -229,3 +229,28 @@ def test_multi_line_errors_keep_their_reason_on_one_line():
     worker = ConfigError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                          "last):\n  File ...\nworkbench.data.DataError: cannot read image a.png")
     assert _one_line(worker) == "cannot read image a.png"
+
+
+def test_sigterm_ends_the_run_killed_with_its_metrics_and_a_resumable_checkpoint(tiny_config, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'term.db'}"
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(config.replace(tiny_config, epochs_prompt=1, epochs_image=200).to_yaml())
+    process = subprocess.Popen([sys.executable, "-m", "workbench.cli", "run", str(cfg_path), "--tracking-uri", uri],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(Path(tiny_config.output_dir).glob("*/*_LAST.pth")):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "KILLED"
+    assert client.get_metric_history(run.info.run_id, "rank1")  # what was logged reached the store
+    assert client.get_metric_history(run.info.run_id, "prompt_loss")
