@@ -254,3 +254,20 @@ def test_sigterm_ends_the_run_killed_with_its_metrics_and_a_resumable_checkpoint
     assert run.info.status == "KILLED"
     assert client.get_metric_history(run.info.run_id, "rank1")  # what was logged reached the store
     assert client.get_metric_history(run.info.run_id, "prompt_loss")
+
+
+def test_metrics_reach_mlflow_while_the_run_goes_on(tiny_config, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'live.db'}"
+    client = MlflowClient(uri)
+    seen = {}
+
+    def look(epoch, metrics):
+        if epoch == 1:
+            run = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])[0]
+            assert run.info.status == "RUNNING"
+            seen.update({key: len(client.get_metric_history(run.info.run_id, key))
+                         for key in ("prompt_loss", "prompt_rank1", "loss", "rank1")})
+
+    train_joint(config.replace(tiny_config, epochs_prompt=1, epochs_image=2, save_checkpoints=False),
+                MlflowTracker(uri), report=look)
+    assert seen["prompt_loss"] > 0 and seen["prompt_rank1"] == 1 and seen["loss"] > 0 and seen["rank1"] == 1

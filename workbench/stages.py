@@ -109,6 +109,7 @@ class StepMetrics:
             self.tracker.log_metrics(metrics, step)
             last = metrics
         self.rows.clear()
+        self.tracker.flush()  # to the store now: the UI shows the run as it goes, and a kill loses little
         return last
 
 
@@ -271,6 +272,7 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
         retrieval = validate_stage1_prompts(clip_model, prompt_learner, image_feats, labels, raw_dot=raw_dot)
         tracker.log_metrics({"prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"],
                              "prompt_epoch_loss": float(epoch_loss) / batches}, step=epoch + 1)
+        tracker.flush()
         bar.set_postfix(loss=f"{float(epoch_loss) / batches:.3f}", r1=f"{retrieval['rank1']:.1f}",
                         norm=f"{last.get('prompt_norm', float('nan')):.3f}")
     final_loss = float(epoch_loss) / batches
@@ -480,6 +482,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
         scheduler.step()
         metrics = validate(clip_model, selection, device, spec, max_rank=settings.max_rank, amp=settings.amp)
         tracker.log_metrics({k: metrics[k] for k in METRIC_KEYS} | {"epoch_loss": train_loss}, step=epoch + 1)
+        tracker.flush()
         if epoch == first_epoch:
             tracker.log_metrics({"num_valid_selection_query": metrics["num_valid_q"]}, step=0)
             if metrics["num_valid_q"] < len(selection.q_pids):
