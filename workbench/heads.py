@@ -81,11 +81,6 @@ def infer_feat_dims(clip_model: nn.Module, image_size: Sequence[int]) -> tuple[i
     return dims
 
 
-def infer_feat_dim(clip_model: nn.Module, image_size: Sequence[int]) -> int:
-    """Projected image feature width."""
-    return infer_feat_dims(clip_model, image_size)[1]
-
-
 def _build_id_head(kind: str, feat_dim: int, num_classes: int, scale: float, margin: float) -> nn.Module:
     return ArcFace(feat_dim, num_classes, scale, margin) if kind == "arcface" else LinearHead(feat_dim, num_classes)
 
