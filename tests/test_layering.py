@@ -2,20 +2,21 @@
 import ast
 from pathlib import Path
 
-ORDER = ["config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages", "runner",
-         "tuning", "cli"]
+ORDER = ["errors", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages",
+         "runner", "tuning", "cli"]
 ALLOWED = {
-    "config": set(),
-    "data": {"config"},
-    "model": {"config"},
-    "heads": {"config", "model"},
-    "losses": set(),
-    "evaluation": {"config", "model", "heads"},
-    "checkpoint": set(),
-    "tracking": {"config"},
-    "stages": {"config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking"},
-    "runner": {"config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages"},
-    "tuning": {"config", "runner", "tracking"},
+    "errors": set(),
+    "config": {"errors"},
+    "data": {"errors", "config"},
+    "model": {"errors", "config"},
+    "heads": {"errors", "config", "model"},
+    "losses": {"errors"},
+    "evaluation": {"errors", "config", "model", "heads"},
+    "checkpoint": {"errors"},
+    "tracking": {"errors", "config"},
+    "stages": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking"},
+    "runner": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages"},
+    "tuning": {"errors", "config", "runner", "tracking"},
     "cli": set(ORDER) - {"cli"},
 }
 PACKAGE = Path(__file__).resolve().parents[1] / "workbench"

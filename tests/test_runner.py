@@ -136,7 +136,7 @@ def test_cli_run_prints_metrics_and_run_id(tiny_config, tmp_path, capsys):
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
 
 
-def test_user_errors_are_one_line_and_runs_end_failed(tiny_config, tmp_path, capsys):
+def test_config_mistakes_exit_2_before_a_run_exists(tiny_config, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'err.db'}"
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(tiny_config.to_yaml())
@@ -145,24 +145,36 @@ def test_user_errors_are_one_line_and_runs_end_failed(tiny_config, tmp_path, cap
     assert err.strip().count("\n") == 0 and "did you mean epochs_image" in err
     assert main(["run", str(cfg_path), "--set", "data_root=/nonexistent", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("workbench: error: dataset folder not found")
-    assert "Traceback" not in err
-    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("quickstart").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
+    assert err.strip() == ("workbench: error: data_root: dataset folder not found: /nonexistent (set data_root, or "
+                           "synthesize_if_missing: true for the synthetic dataset)")
+    experiment = MlflowClient(uri).get_experiment_by_name("quickstart")
+    assert experiment is None or not MlflowClient(uri).search_runs([experiment.experiment_id])
+    assert not Path(tiny_config.output_dir).exists()
 
 
-def test_corrupt_image_is_one_line_error(synth_root, tiny_config, tmp_path, capsys):
+def test_a_fault_during_a_run_is_one_line_exit_1_and_a_failed_run(synth_root, tiny_config, tmp_path, capsys):
     import shutil
 
     root = tmp_path / "copy"
     shutil.copytree(synth_root, root)
     victim = sorted((root / "train").rglob("*.png"))[0]
     victim.write_bytes(b"broken")
+    uri = f"sqlite:///{tmp_path / 'c.db'}"
     cfg_path = tmp_path / "exp.yaml"
-    cfg_path.write_text(config.replace(tiny_config, data_root=str(root)).to_yaml())
-    assert main(["run", str(cfg_path), "--tracking-uri", f"sqlite:///{tmp_path / 'c.db'}"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("workbench: error: cannot read image") and victim.name in err
+    for workers in (0, 2):  # in the main process, and raised inside DataLoader workers
+        cfg_path.write_text(config.replace(tiny_config, data_root=str(root), num_workers=workers).to_yaml())
+        assert main(["run", str(cfg_path), "--tracking-uri", uri]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("cannot read image") == 1  # printed once
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("workbench: error: cannot read image") and victim.name in line
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+    (log,) = list(Path(tiny_config.output_dir).glob("*/*.log"))[:1]
+    assert "Traceback" in log.read_text()  # the log file keeps the whole story
+    with pytest.raises(Exception, match="cannot read image"):  # --debug shows the traceback
+        main(["run", str(cfg_path), "--tracking-uri", uri, "--debug"])
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(tiny_config, tmp_path, capsys):
@@ -248,10 +260,10 @@ def test_sigterm_ends_the_run_killed_with_its_metrics_and_a_resumable_checkpoint
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)"
+    assert process.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)", err
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED", err
     assert client.get_metric_history(run.info.run_id, "rank1")  # what was logged reached the store
     assert client.get_metric_history(run.info.run_id, "prompt_loss")
 
@@ -271,3 +283,26 @@ def test_metrics_reach_mlflow_while_the_run_goes_on(tiny_config, tmp_path):
     train_joint(config.replace(tiny_config, epochs_prompt=1, epochs_image=2, save_checkpoints=False),
                 MlflowTracker(uri), report=look)
     assert seen["prompt_loss"] > 0 and seen["prompt_rank1"] == 1 and seen["loss"] > 0 and seen["rank1"] == 1
+
+
+def test_a_kill_in_the_first_image_epoch_resumes_exactly(tiny_config, tmp_path):
+    """Killed after the prompt stage's FINAL and before the image stage's first LAST: the resumed
+    run starts the image stage from the prompt stage's end, random state included."""
+    from workbench.tracking import NullTracker
+
+    cfg = config.replace(tiny_config, epochs_image=2)
+    reference = train_joint(cfg, NullTracker())
+
+    class KillAtFirstImageStep(NullTracker):
+        def log_metrics(self, metrics, step):
+            if "id_loss" in metrics:
+                raise KeyboardInterrupt
+            super().log_metrics(metrics, step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(cfg, KillAtFirstImageStep())
+    (run_dir,) = [d for d in Path(cfg.output_dir).iterdir() if str(d) != reference["run_dir"]]
+    assert list(run_dir.glob("*prompt_FINAL.pth")) and not list(run_dir.glob("*LAST*"))
+    resumed = train_joint(cfg, NullTracker(), resume_dir=run_dir)
+    for key in ("best_mAP", "final_mAP", "test_mAP", "final_test_mAP"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-9), key

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,9 +18,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import CheckpointError, ResourceError, os_error_message
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or does not fit the model."""
+
+class CheckpointMismatch(CheckpointError):
+    """A readable workbench checkpoint that does not fit the model built from this config."""
+
+
+FORMAT = 1  # the layout of the dict below; raised when it changes incompatibly
 
 
 def rng_state() -> dict:
@@ -51,23 +57,44 @@ def trainable_flags(module: nn.Module) -> dict[str, bool]:
     return {name: p.requires_grad for name, p in module.named_parameters()}
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
-    half-written file under the final name."""
+def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
+    """Call ``write(binary_file)`` on a temporary file in ``path``'s folder, fsync it, then rename
+    it to ``path``: a crash or a full disk never leaves a torn file under the final name. An
+    operating-system refusal (disk full, folder not writable) becomes a one-line ResourceError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, ResourceError):
+            raise ResourceError(os_error_message(err, f"cannot write {path}")) from err
         raise
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save through ``atomic_write``."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``*.tmp`` files that a killed ``atomic_write`` left in ``folder``."""
+    stale = sorted(Path(folder).glob("*.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, scheduler=None,
@@ -81,6 +108,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, sched
     written paths."""
     path = Path(path)
     state = {
+        "format": FORMAT,
         "model_state_dict": model.state_dict(),
         "trainable_flags": trainable_flags(model),
         "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
@@ -114,29 +142,67 @@ def _load_module(module: nn.Module, state: dict, what: str, log: Callable[[str],
         message = f"{what}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
         warnings.warn(message)
         log(message)
-        raise CheckpointError(message)
+        raise CheckpointMismatch(message)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise CheckpointError(f"{what}: {' '.join(lines[:2])[:400]}") from None
+        raise CheckpointMismatch(f"{what}: {' '.join(lines[:2])[:400]}") from None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint dict in ``path`` (on the CPU, ``weights_only``: nothing in it is executed),
+    or a CheckpointError saying what the file is instead: missing, truncated or not a torch
+    file, a prompt-only file, a plain tensor or state dict, another workbench format."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt, truncated or foreign file: report, never execute
+        text = str(err)
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if code:  # torch's advice to load it with weights_only=False would run that code
+            reason = f"it holds pickled code ({code.group(1)}), which workbench never runs"
+        elif "Weights only load failed" in text:
+            reason = "not a PyTorch file"
+        else:
+            reason = (text.strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file): "
+                              f"{reason}") from None
+    expected = "expected a workbench BEST/FINAL/LAST .pth (a dict with model_state_dict)"
+    if isinstance(state, torch.Tensor):
+        raise CheckpointError(f"{path} holds a single tensor, not a workbench checkpoint; {expected}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a workbench checkpoint; {expected}")
+    if "model_state_dict" not in state:
+        if "prompt_learner_state_dict" in state:
+            raise CheckpointError(f"{path} is a prompt-only file (*_prompt.pth); {expected}, such as the file "
+                                  f"beside it without _prompt")
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} is a plain state dict (model weights, e.g. for pretrained:), not a "
+                                  f"workbench checkpoint; {expected}")
+        raise CheckpointError(f"{path} is not a workbench checkpoint (keys {sorted(map(str, state))[:5]}); {expected}")
+    if state.get("format", 1) > FORMAT:
+        raise CheckpointError(f"{path} was written by a newer workbench (checkpoint format {state['format']}, this "
+                              f"one reads {FORMAT}); upgrade workbench")
+    return state
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, device: torch.device | str = "cpu",
                     optimizer=None, scheduler=None, classifier: nn.Module | None = None,
                     prompt_learner: nn.Module | None = None, extra_modules: dict[str, nn.Module] | None = None,
                     extra_optimizers: dict | None = None, restore_rng: bool = True,
-                    log: Callable[[str], None] = lambda _: None) -> dict:
+                    metadata_expected: dict | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
     """Restore what ``save_checkpoint`` wrote into the given objects, strictly (a mismatch raises
     CheckpointError after a warning naming the keys). Returns the raw checkpoint dict
     (``metadata``, ``epoch``, ``val_metrics``, ...)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # modules copy to their device
-    except Exception as err:  # a corrupt or foreign file: report, never execute
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    state = read_checkpoint(path)
+    found = state.get("metadata", {})
+    for key, want in (metadata_expected or {}).items():
+        if found.get(key) is not None and found[key] != want:
+            what = {"architecture": "model_type", "stage": "stage"}.get(key, key)
+            raise CheckpointMismatch(f"{path} is from {what} {found[key]}, expected {what} {want}")
     _load_module(model, state["model_state_dict"], "model", log)
     for name, p in model.named_parameters():
         if name in state.get("trainable_flags", {}):

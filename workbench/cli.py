@@ -1,45 +1,46 @@
-"""``workbench``: run, eval and data commands.
+"""``workbench``: run, resume, tune, compare, ui, eval and data commands.
 
-Errors a user can cause (config, data, weights, checkpoint, NaN loss) end with one line on
-stderr and exit status 2; Ctrl-C exits 130. Everything else is a bug and keeps its traceback.
+Every error a user can cause or meet is a ``WorkbenchError``: one line on stderr, exit status 2
+when the command was wrong (config, arguments, a file that is not what it should be) and 1 when a
+run met a fault (data, weights, NaN loss, tracking store, disk). Ctrl-C exits 130, SIGTERM 143.
+Anything else is a bug and keeps its traceback; ``--debug`` or ``WORKBENCH_DEBUG=1`` shows the
+traceback of every error.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
 import sys
 from pathlib import Path
 
+from .errors import ConfigError, ResourceError, UsageError, WorkbenchError, os_error_message
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .evaluation import EvaluationError
-    from .model import ModelError
-    from .stages import NonFiniteLossError
-
-    return ConfigError, DataError, ModelError, CheckpointError, EvaluationError, NonFiniteLossError
+# Operating-system refusals that are the machine's state, not a bug: one line, exit 1.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                       errno.EISDIR}
 
 
 def _one_line(err: BaseException) -> str:
-    # Errors raised inside DataLoader workers arrive wrapped with the worker's traceback text;
-    # the original message is its last line. Any other message keeps all its lines, joined.
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    """The message on one line. Errors raised inside DataLoader workers arrive wrapped in the
+    worker's traceback text: their own message is its last line."""
+    text = str(err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
-    if "Traceback (most recent call last)" in str(err):
+    if "Traceback (most recent call last)" in text:
         return re.sub(r"^[A-Za-z_][\w.]*(Error|Exception): ", "", lines[-1])
     return " ".join(lines).removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
 
 
 def cmd_run(args) -> int:
     from . import config
-    from .runner import train_joint
+    from .runner import preflight, train_joint
     from .tracking import MlflowTracker, resolve_tracking_uri
 
     cfg = config.load(args.config, args.set)
+    preflight(cfg)
     tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
     return _report(train_joint(cfg, tracker), tracker)
 
@@ -69,10 +70,33 @@ def cmd_resume(args) -> int:
     run_dir = Path(args.run_dir)
     configs = sorted(run_dir.glob("*_config.yaml"))
     if len(configs) != 1:
-        raise config.ConfigError(f"{run_dir}: expected one *_config.yaml of a workbench run, found {len(configs)}")
+        raise ConfigError(f"{run_dir}: expected one *_config.yaml of a workbench run, found {len(configs)}")
     cfg = config.load(configs[0])
     tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
+    _close_stale_runs(tracker, cfg.experiment, run_dir, "workbench resume")
     return _report(train_joint(cfg, tracker, resume_dir=run_dir), tracker)
+
+
+def _close_stale_runs(tracker, experiment: str, run_dir: Path | None, by: str) -> None:
+    """Mark the experiment's stale RUNNING runs KILLED (their process died without closing
+    them); refuse to resume ``run_dir`` while the process that runs it is still alive."""
+    import json
+
+    from .tracking import mark_stale_runs, stale_reason
+
+    found = tracker.client.get_experiment_by_name(experiment)
+    if found is None:
+        return
+    run_files = list(run_dir.glob("*_run.json")) if run_dir is not None else []
+    if run_files:
+        run = tracker.client.get_run(json.loads(run_files[0].read_text())["run_id"])
+        if run.info.status == "RUNNING" and stale_reason(run) is None:
+            raise UsageError(f"the run in {run_dir} is still running (process {run.data.tags.get('workbench.pid')} "
+                             f"on {run.data.tags.get('workbench.host')}); stop it first")
+    marked = mark_stale_runs(tracker.client, [found.experiment_id], by)
+    if marked:
+        print(f"marked {len(marked)} stale RUNNING run(s) of experiment {experiment} KILLED (their process ended "
+              f"without closing them): {', '.join(marked[:5])}{' ...' if len(marked) > 5 else ''}", file=sys.stderr)
 
 
 def _study_name(config_path: str, overrides: list[str]) -> str:
@@ -88,30 +112,32 @@ def _study_name(config_path: str, overrides: list[str]) -> str:
 def cmd_tune(args) -> int:
     from . import config
     from .tracking import resolve_tracking_uri
-    from .tuning import TuneOptions, run_study
+    from .tuning import TuneOptions, default_tune_config, plain_study_name, run_study
 
-    cfg = config.load(args.config, args.set)
-    if args.trials < 1:
-        raise config.ConfigError(f"--trials: must be >= 1, got {args.trials}")
+    config_path = args.config or default_tune_config()
+    if not args.config:
+        print(f"no config given: tuning {config_path}", file=sys.stderr)
+    cfg = config.load(config_path, args.set)
     if not cfg.trains_image:
-        raise config.ConfigError(f"stage_mode: {cfg.stage_mode} has no image stage, so no ReID metric to tune")
+        raise ConfigError(f"stage_mode: {cfg.stage_mode} has no image stage, so no ReID metric to tune")
     if not (cfg.has_holdout or (Path(cfg.data_root) / "val").is_dir()) and not args.select_on_test:
-        raise config.ConfigError("val_identities: tuning needs a validation hold-out (set val_identities, e.g. 0.2) "
+        raise ConfigError("val_identities: tuning needs a validation hold-out (set val_identities, e.g. 0.2) "
                                  "so that trials are not chosen on the test split; --select-on-test to do it anyway")
     selected_on = config.TUNE_METRICS[cfg.tune.metric]
     if cfg.tune.metric.startswith("best_") and selected_on != cfg.select_metric:
         print(f"note: tune.metric {cfg.tune.metric} reads the epoch that select_metric {cfg.select_metric} picked, "
               f"not the epoch with the best {selected_on}", file=sys.stderr)
-    options = TuneOptions(trials=args.trials, study_name=args.study_name or _study_name(args.config, args.set),
+    options = TuneOptions(trials=args.trials,
+                          study_name=args.study_name or plain_study_name(_study_name(config_path, args.set)),
                           storage=args.storage, n_jobs=args.n_jobs, timeout=args.timeout, pruner=args.pruner,
                           sampler=args.sampler, tracking_uri=resolve_tracking_uri(args.tracking_uri, cfg),
                           keep_checkpoints=args.keep_checkpoints)
-    study = run_study(cfg, options, args.config, args.set)
+    study = run_study(cfg, options, config_path, args.set)
     try:
         best = study.best_trial
-    except ValueError:
-        print("no trial completed", file=sys.stderr)
-        return 1
+    except ValueError:  # all pruned, or none finished before --timeout
+        raise WorkbenchError(f"no trial completed in study {options.study_name}; re-run the command to go on") \
+            from None
     print(f"best trial {best.number}: {cfg.tune.metric} {best.value:.2f}  "
           + " ".join(f"{k}={v}" for k, v in best.params.items()))
     print(f"re-run it alone: {best.user_attrs.get('rerun', '')}")
@@ -127,7 +153,7 @@ def cmd_compare(args) -> int:
     try:
         frame = runs_table(uri, args.experiment, args.study, args.metric)
     except ValueError as err:
-        raise config.ConfigError(str(err)) from None
+        raise ConfigError(str(err)) from None
     if frame.empty:
         print("no runs found")
         return 0
@@ -153,12 +179,15 @@ def cmd_ui(args) -> int:
     from .tuning import storage_for
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
+    ports = [args.port] + ([args.dashboard_port] if args.study else [])
+    for port in ports:
+        _check_port_free(args.host, port)
     # Each server gets its own process group, so that stopping `workbench ui` (Ctrl-C or SIGTERM)
     # stops its workers too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     processes = [subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                   "--host", "127.0.0.1", "--port", str(args.port)], start_new_session=True)]
-    print(f"MLflow UI on http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning over {uri}",
+                                   "--host", args.host, "--port", str(args.port)], start_new_session=True)]
+    print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning over {uri}",
           flush=True)
     if args.study:
         _, storage = storage_for(args.study, args.storage)
@@ -166,21 +195,37 @@ def cmd_ui(args) -> int:
         if dashboard is None:
             print("optuna-dashboard is not installed (pip install optuna-dashboard); showing MLflow only")
         else:
-            processes.append(subprocess.Popen([dashboard, storage, "--host", "127.0.0.1",
+            processes.append(subprocess.Popen([dashboard, storage, "--host", args.host,
                                                "--port", str(args.dashboard_port)], start_new_session=True))
-            print(f"optuna-dashboard on http://127.0.0.1:{args.dashboard_port} over {storage}")
+            print(f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {storage}")
+    stopped_by_user = False
     try:
         while all(p.poll() is None for p in processes):
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        stopped_by_user = True
     finally:
         for p in processes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
         for p in processes:
             p.wait(timeout=30)
+    ended = next((p for p in processes if p.returncode not in (None, 0, -signal.SIGTERM)), None)
+    if ended is not None and not stopped_by_user:
+        raise ResourceError(f"{Path(ended.args[0]).name} {' '.join(ended.args[1:4])} stopped with exit status "
+                            f"{ended.returncode} (its message is above)")
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ResourceError(f"port {port} on {host} is not free ({err.strerror}); choose another with "
+                                f"--port / --dashboard-port") from None
 
 
 def cmd_eval(args) -> int:
@@ -200,16 +245,17 @@ def cmd_eval(args) -> int:
     data = load_data(cfg)
     loaders, model, _, _ = build_model_and_loaders(cfg, data, device)
     if args.checkpoint:
-        from .checkpoint import CheckpointError
+        from .checkpoint import CheckpointMismatch
 
         try:
-            state = load_checkpoint(args.checkpoint, model=model, device=device, restore_rng=False, log=print)
-        except CheckpointError as err:
-            raise CheckpointError(f"{err} (evaluate a checkpoint with the _config.yaml of its run folder)") from None
+            state = load_checkpoint(args.checkpoint, model=model, device=device, restore_rng=False, log=print,
+                                    metadata_expected={"architecture": cfg.model_type, "stage": "image"})
+        except CheckpointMismatch as err:
+            raise CheckpointMismatch(f"{err} (evaluate a checkpoint with the _config.yaml of its run folder)") from None
         _warn_config_differences(state.get("metadata", {}).get("config"), cfg)
     selection, test = eval_splits(loaders)
     if args.split == "val" and selection.name != "val":
-        raise config.ConfigError("--split val: this config has no validation split (set val_identities)")
+        raise ConfigError("--split val: this config has no validation split (set val_identities)")
     with torch.no_grad():
         result = validate(model, selection if args.split == "val" else test, device,
                           ImageStageSettings.from_config(cfg).feature_spec, max_rank=cfg.max_rank, amp=cfg.amp)
@@ -269,15 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Search the config's tune.space; re-running the same command resumes the "
                                       "study. Prints a line per trial and, at the end, the best trial and the "
                                       "command that re-runs it.")
-    tune.add_argument("config")
-    tune.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
+    tune.add_argument("config", nargs="?", help="experiment YAML with a tune: section (default: exp.yaml here)")
+    tune.add_argument("--trials", type=int, required=True,
+                      help="trials the study should hold: complete, pruned and failed ones count; those whose "
+                           "worker was killed or interrupted do not and are replaced on a re-run")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config key for every trial, repeatable")
-    tune.add_argument("--study-name", help="default: the config file's name (+ a hash of --set values)")
+    tune.add_argument("--study-name", help="letters, digits, '.', '_', '-' (it names files under studies/); "
+                                           "default: the config file's name (+ a hash of --set values)")
     tune.add_argument("--storage", help="database URL (sqlite:///..., postgresql://...) or journal file; "
                                         "default studies/<study>.journal")
-    tune.add_argument("--n-jobs", type=int, default=1, help="trials run at once in this process (threads)")
-    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.add_argument("--n-jobs", type=int, default=1, help="trials run at once in this process (threads, >= 1)")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (> 0)")
     tune.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: the config's tune.pruner")
     tune.add_argument("--sampler", choices=["tpe", "random", "cmaes"], help="default: the config's tune.sampler")
     tune.add_argument("--keep-checkpoints", choices=["best", "all", "none"],
@@ -302,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "optuna-dashboard over that study's storage when it is installed.")
     ui.add_argument("--tracking-uri")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                         "network, with no login)")
     ui.add_argument("--study", help="also open this study in optuna-dashboard")
     ui.add_argument("--storage", help="the study's storage, if not the default studies/<study>.journal")
     ui.add_argument("--dashboard-port", type=int, default=8080)
@@ -329,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--width", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
+    for command in [run, resume, tune, compare, ui, ev, synth]:
+        command.add_argument("--debug", action="store_true",
+                             help="show the traceback of an error (also WORKBENCH_DEBUG=1)")
     return parser
 
 
@@ -339,6 +394,10 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame):
     raise Terminated()
+
+
+def _debug(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("WORKBENCH_DEBUG", "") not in ("", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,9 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as err:
+    except WorkbenchError as err:
+        if _debug(args):
+            raise
         print(f"workbench: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS or _debug(args):
+            raise
+        print(f"workbench: error: {os_error_message(err, 'the system refused')}", file=sys.stderr)
+        return ResourceError.exit_code
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .errors import ConfigError
+
+UNSAFE_NAME = r"[/\\\x00-\x1f]|\.\."  # in a config string that becomes part of a file name
 STAGE_MODES = ("prompt_then_image", "prompt_only", "image_only")
 # Choices of the keys that switch between the original design and the official CLIP-ReID recipe.
 CHOICES = {
@@ -44,10 +47,6 @@ LOSS_ALIASES = {
 }
 CLIP_CONTEXT_LENGTH = 77
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-class ConfigError(ValueError):
-    """A user-caused problem with the experiment config; the message names the key."""
 
 
 # Metric to tune -> the per-epoch validation number reported for pruning.
@@ -315,6 +314,13 @@ class Config:
         def bad(key, why):
             raise ConfigError(f"{key}: {why}")
 
+        for key in ("experiment", "variant", "dataset", "aspect"):  # they reach file and folder names
+            value = getattr(self, key) or ""
+            if re.search(UNSAFE_NAME, value) or value.startswith("."):
+                bad(key, f"{value!r} cannot name files: use no path separator, no '..', no control character "
+                         f"and no leading dot")
+        if not self.experiment.strip():
+            bad("experiment", "must not be empty")
         if self.stage_mode not in STAGE_MODES:
             bad("stage_mode", f"unknown value {self.stage_mode!r}; choose one of {', '.join(STAGE_MODES)}")
         for key in ("lr", "weight_decay", "center_lr", "eta_min"):

@@ -23,14 +23,12 @@ from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from .errors import DataError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CAMERA = re.compile(r"(?:^|[_\-])c(\d+)", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """A user-caused data problem: missing folder, empty split, unreadable image."""
 
 
 @dataclass(frozen=True)
@@ -429,28 +427,41 @@ def synthesize_dataset(out: str | Path, identities: int = 60, images_per_identit
     query images from camera 1 and ``images_per_identity`` gallery images from cameras 2-3.
     The same arguments always give the same images. Written to a temporary folder first, so an
     interrupted run never leaves a half-made dataset."""
+    import shutil
+
     out = Path(out)
     if identities < 2 or images_per_identity < 2:
         raise DataError("synthetic data needs at least 2 identities and 2 images per identity")
+    if min(size) < 16:
+        raise DataError(f"synthetic images need a height and width of at least 16 pixels, got {size[0]}x{size[1]}")
+    if out.exists():
+        raise DataError(f"{out} already exists; remove it or choose another folder")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"cannot create {out}: {blocking} is a file")
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     rng = np.random.default_rng(seed)
     test_identities = identities if test_identities is None else test_identities
     if test_identities < 1:
         raise DataError("synthetic data needs at least 1 test identity")
     people = [_identity(rng) for _ in range(identities + test_identities)]
-    for number, ident in enumerate(people):
-        pid = f"{number + 1:04d}"
-        views = ([("train", 1 + i % 3) for i in range(images_per_identity)] if number < identities else
-                 [("query", 1)] * 2 + [("gallery", 2 + i % 2) for i in range(images_per_identity)])
-        view_rng = np.random.default_rng([seed, number])
-        for i, (split, camera) in enumerate(views):
-            folder = tmp / split / pid
-            folder.mkdir(parents=True, exist_ok=True)
-            render_hand(ident, view_rng, camera, size).save(folder / f"{pid}_c{camera}_{i:03d}.png")
-    if out.exists():
+    try:
+        for number, ident in enumerate(people):
+            pid = f"{number + 1:04d}"
+            views = ([("train", 1 + i % 3) for i in range(images_per_identity)] if number < identities else
+                     [("query", 1)] * 2 + [("gallery", 2 + i % 2) for i in range(images_per_identity)])
+            view_rng = np.random.default_rng([seed, number])
+            for i, (split, camera) in enumerate(views):
+                folder = tmp / split / pid
+                folder.mkdir(parents=True, exist_ok=True)
+                render_hand(ident, view_rng, camera, size).save(folder / f"{pid}_c{camera}_{i:03d}.png")
+    except BaseException:  # interrupted or out of space: no half-made dataset stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # made meanwhile by another process
+        shutil.rmtree(tmp)
         raise DataError(f"{out} already exists; remove it or choose another folder")
     tmp.rename(out)
     return out

@@ -15,10 +15,7 @@ import torch.nn.functional as F
 
 from .heads import head_branches, image_features_for_head
 from .model import all_text_features
-
-
-class EvaluationError(ValueError):
-    """No query can be evaluated (no query has a positive in the gallery)."""
+from .errors import EvaluationError
 
 
 def _to_numpy(x) -> np.ndarray | None:

@@ -21,15 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .errors import ModelError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "wb-tiny"
 PROMPT_PREFIX = "A photo of a"
 _registered = False
-
-
-class ModelError(RuntimeError):
-    """A model could not be built or loaded (bad weights file, failed download)."""
 
 
 def register_model_configs() -> None:

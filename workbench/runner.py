@@ -2,15 +2,18 @@
 the final metrics. ``workbench run`` and every tuning trial call this one function."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import threading
 import random
+import shutil
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -19,13 +22,14 @@ import torch
 
 from . import config as config_module
 from .config import Config, build_filename
-from .data import DataError, ReIDData, build_loaders, load_reid_dataset, synthesize_dataset
-from .checkpoint import atomic_torch_save, load_checkpoint
+from .errors import TrackingError, UsageError, os_error_message
+from .data import ReIDData, build_loaders, load_reid_dataset, synthesize_dataset
+from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from .heads import register_bnneck_and_arcface
 from .model import PromptLearner, load_clip_with_patch, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
                      train_clipreid_prompt_stage)
-from .tracking import NullTracker, Tracker, run_params, save_curves
+from .tracking import NullTracker, RunStopped, Tracker, run_params, save_curves
 
 LOSS_KEYS = ["loss", "id_loss", "tri_loss", "center_loss", "i2t_loss", "t2i_loss", "feat_norm", "arc_conf", "lr"]
 PROMPT_KEYS = ["prompt_loss", "i2t_loss", "t2i_loss", "prompt_norm", "prompt_var", "prompt_class_var", "prompt_grad",
@@ -60,28 +64,51 @@ def git_commit() -> str:
         return "unknown"
 
 
+class _LogFileHandler(logging.FileHandler):
+    """A run's log file; when it cannot be written (disk full) one warning line replaces
+    logging's traceback per record, and the console keeps the messages."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            reason = sys.exc_info()[1]
+            print(f"warning: cannot write the log file {self.baseFilename} ({reason}); messages go to the "
+                  f"console only", file=sys.stderr)
+
+
 def setup_logger(log_path: Path) -> logging.Logger:
     """A logger writing to the run's .log file and to the console."""
     logger = logging.getLogger(f"workbench.run.{log_path}")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)  # DEBUG lines (a failure's traceback) go to the file only
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    file_handler = logging.FileHandler(log_path)
+    file_handler = _LogFileHandler(log_path)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(file_handler)
     logger.addHandler(console)
     return logger
 
 
-def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
+def check_data_root(cfg: Config) -> Path:
+    """``data_root``, or a ConfigError when it is missing and will not be synthesized."""
     root = Path(cfg.data_root)
+    if not root.exists() and not cfg.synthesize_if_missing:
+        raise config_module.ConfigError(f"data_root: dataset folder not found: {root} (set data_root, or "
+                                        f"synthesize_if_missing: true for the synthetic dataset)")
+    if root.exists() and not root.is_dir():
+        raise config_module.ConfigError(f"data_root: {root} is a file, not a dataset folder")
+    return root
+
+
+def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
+    root = check_data_root(cfg)
     if not root.exists():
-        if not cfg.synthesize_if_missing:
-            raise DataError(f"dataset folder not found: {root} (set data_root, or synthesize_if_missing: true "
-                            f"for the synthetic dataset)")
         log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} training identities)")
         synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed,
                            test_identities=cfg.synth_test_identities,
@@ -130,6 +157,14 @@ class FeatureCache:
         return feats.to(device), labels.to(device)
 
 
+def preflight(cfg: Config) -> None:
+    """The config mistakes that can be found before anything starts (model name, device, data
+    folder): found here, they leave no run folder and no MLflow run behind."""
+    resolve_model_name(cfg.model_type)
+    select_device(cfg.device)
+    check_data_root(cfg)
+
+
 def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 report: Callable[[int, dict], None] | None = None, *, run_name: str | None = None,
                 parent_run_id: str | None = None, extra_tags: dict | None = None,
@@ -148,68 +183,95 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
     finished epoch, and the same MLflow run receives the numbers."""
     cfg = config_module.load(cfg) if isinstance(cfg, (str, Path)) else cfg
     tracker = tracker or NullTracker()
-    # Mistakes found before anything starts leave no run folder and no MLflow run behind.
-    resolve_model_name(cfg.model_type)
-    select_device(cfg.device)
+    preflight(cfg)
     stem = build_filename(cfg, cfg.epochs_image if cfg.trains_image else cfg.epochs_prompt,
                           "image" if cfg.trains_image else "prompt")
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         if not (run_dir / f"{stem}_config.yaml").is_file():
-            raise DataError(f"cannot resume: {run_dir} holds no {stem}_config.yaml (not a run folder of this config)")
+            raise UsageError(f"cannot resume: {run_dir} holds no {stem}_config.yaml (not a run folder of this config)")
         # Checked before the MLflow run is reopened: a finished run's record stays as it is.
         last = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
         final = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
         if not (cfg.trains_image and last.is_file()) and final.is_file():
-            raise DataError(f"cannot resume: the run in {run_dir} already finished ({final.name} exists)")
+            raise UsageError(f"cannot resume: the run in {run_dir} already finished ({final.name} exists)")
     else:
         base = Path(cfg.output_dir) / f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
         run_dir, n = base, 1
         while run_dir.exists():  # two runs of one config within a second
             n += 1
             run_dir = base.with_name(f"{base.name}_{n}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise config_module.ConfigError(os_error_message(err, f"output_dir: cannot create the run folder {run_dir}"))
+    if not os.access(run_dir, os.W_OK):
+        raise config_module.ConfigError(f"output_dir: cannot write to {run_dir}; choose a folder you can write to")
     run_file = run_dir / f"{stem}_run.json"
     previous_run_id = json.loads(run_file.read_text())["run_id"] if resume_dir and run_file.exists() else None
+    with contextlib.ExitStack() as stack:
+        try:
+            run_id = stack.enter_context(tracker.start_run(
+                run_name or stem, cfg.experiment, tags=run_tags(cfg) | (extra_tags or {}),
+                parent_run_id=parent_run_id, run_id=previous_run_id, spool_dir=run_dir))
+        except TrackingError:
+            if resume_dir is None:  # no run folder without its MLflow run
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        result = _tracked_run(cfg, tracker, report, run_dir, stem, run_id, feature_cache, keep_checkpoints,
+                              resume=resume_dir is not None, new_run=previous_run_id is None)
+    return result
+
+
+def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str, run_id: str,
+                 feature_cache: FeatureCache | None, keep_checkpoints: bool, resume: bool, new_run: bool) -> dict:
+    """The body of ``train_joint`` inside its MLflow run: log file, config, stages, plots,
+    checkpoints; a failure's traceback goes to the log file, its one line to the caller."""
     log_path = run_dir / f"{stem}.log"
     logger = setup_logger(log_path)
     log = logger.info
-    config_path = run_dir / f"{stem}_config.yaml"
-    config_path.write_text(cfg.to_yaml())
+    removed = remove_stale_temporaries(run_dir) if resume else []
+    if removed:
+        log(f"removed {len(removed)} partial file(s) of an interrupted save: {', '.join(p.name for p in removed)}")
+    config_path = atomic_write_text(run_dir / f"{stem}_config.yaml", cfg.to_yaml())
     written: list[Path] = []
-
-    with tracker.start_run(run_name or stem, cfg.experiment, tags=run_tags(cfg) | (extra_tags or {}),
-                           parent_run_id=parent_run_id,
-                           run_id=previous_run_id) as run_id:
-        try:
-            run_file.write_text(json.dumps({"run_id": run_id}))
-            if previous_run_id is None:
-                tracker.log_params(run_params(cfg))
-                tracker.log_artifact(config_path)
-            result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache,
-                                 resume=resume_dir is not None)
-            result.update(run_id=run_id, run_dir=str(run_dir))
-            tracker.log_metrics({k: result[k] for k in END_KEYS if result.get(k) is not None}, step=0)
-            for name, keys in ((f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_prompt.png", PROMPT_KEYS),
-                               (f"{stem}_metrics.png", EVAL_KEYS)):
-                plot = save_curves(tracker.history, run_dir / name, keys, stem)
-                if plot is not None:
-                    tracker.log_artifact(plot, "plots")
-            if cfg.log_checkpoints and keep_checkpoints:
-                for path in written:
-                    if path.exists():
-                        tracker.log_artifact(path, "checkpoints")
-            log(f"run finished: {summary_line(result)}, {result['total_seconds']:.1f}s; files in {run_dir}")
-        except BaseException as err:
-            log(f"run failed: {type(err).__name__}: {err}")
-            raise
-        finally:
-            for handler in list(logger.handlers):
-                handler.flush()
-            tracker.log_artifact(log_path)
-            for handler in list(logger.handlers):
-                handler.close()
-                logger.removeHandler(handler)
+    try:
+        atomic_write_text(run_dir / f"{stem}_run.json", json.dumps({"run_id": run_id}))
+        if new_run:
+            tracker.log_params(run_params(cfg))
+            tracker.log_artifact(config_path)
+        result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache, resume=resume)
+        result.update(run_id=run_id, run_dir=str(run_dir))
+        tracker.log_metrics({k: result[k] for k in END_KEYS if result.get(k) is not None}, step=0)
+        for name, keys in ((f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_prompt.png", PROMPT_KEYS),
+                           (f"{stem}_metrics.png", EVAL_KEYS)):
+            plot = save_curves(tracker.history, run_dir / name, keys, stem)
+            if plot is not None:
+                tracker.log_artifact(plot, "plots")
+        if cfg.log_checkpoints and keep_checkpoints:
+            for path in written:
+                if path.exists():
+                    tracker.log_artifact(path, "checkpoints")
+        log(f"run finished: {summary_line(result)}, {result['total_seconds']:.1f}s; files in {run_dir}")
+    except RunStopped:
+        raise
+    except KeyboardInterrupt as err:
+        how = "terminated (SIGTERM)" if type(err).__name__ == "Terminated" else "interrupted"
+        resumable = cfg.trains_image and (run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth",
+                                                                   tag="LAST")).is_file()
+        log(f"run {how}" + (f"; continue it with: workbench resume {run_dir}" if resumable else ""))
+        raise
+    except BaseException as err:
+        # The command line prints the one-line reason; the log file keeps the traceback.
+        logger.debug("run failed:\n" + "".join(traceback.format_exception(err)).rstrip())
+        raise
+    finally:
+        for handler in list(logger.handlers):
+            handler.flush()
+        tracker.log_artifact(log_path)
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
     return result
 
 
@@ -301,8 +363,9 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     last_path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
     resume_image = resume and cfg.trains_image and last_path.is_file()
     if cfg.trains_prompt and resume and (prompt_path.is_file() or resume_image):
-        if not resume_image:
-            state = load_checkpoint(prompt_path, model=prompt_learner, device=device, restore_rng=False, log=log)
+        if not resume_image:  # killed in the first image epoch: start it from the prompt stage's end exactly,
+            # random state included (the LAST checkpoint restores its own otherwise)
+            state = load_checkpoint(prompt_path, model=prompt_learner, device=device, restore_rng=True, log=log)
             step = state["metadata"]["progress"]["global_step"]
         log("resuming: the prompt stage finished before; not retraining it")
         written.append(prompt_path)

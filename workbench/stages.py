@@ -29,13 +29,10 @@ from .heads import head_branches, head_parameters, image_features_for_head
 from .model import (all_text_features, freeze_entire_clip_model, freeze_prompt_learner, text_features,
                     unfreeze_clip_image_encoder, unfreeze_clip_text_encoder)
 from .tracking import Tracker
+from .errors import NonFiniteLossError
 
 Log = Callable[[str], None]
 Report = Callable[[int, dict], None]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 def lr_factor(epoch: int, epochs: int, warmup_epochs: int, base_lr: float, eta_min: float,
@@ -280,7 +277,7 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
         f"{retrieval.get('rank1', float('nan')):.2f} mAP {retrieval.get('mAP', float('nan')):.2f}")
     if checkpoint_path is not None:
         save_checkpoint(checkpoint_path, model=prompt_learner, optimizer=optimizer, scheduler=scheduler,
-                        metadata={**(metadata or {}), "progress": {"global_step": step}},
+                        metadata={**(metadata or {}), "stage": "prompt", "progress": {"global_step": step}},
                         epoch=settings.epochs, train_loss=final_loss,
                         val_metrics={"prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"]},
                         tag="FINAL", log=log)
@@ -413,7 +410,8 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
         save_checkpoint(checkpoint_path(tag), model=clip_model, optimizer=optimizer, scheduler=scheduler,
                         classifier=branches[0][1], prompt_learner=prompt_learner,
                         extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
-                        metadata={**(metadata or {}), "progress": progress}, epoch=epoch, train_loss=train_loss,
+                        metadata={**(metadata or {}), "stage": "image", "progress": progress}, epoch=epoch,
+                        train_loss=train_loss,
                         val_metrics={k: v for k, v in metrics.items() if k != "num_valid_q"}, tag=tag,
                         log=log if tag != "LAST" else None, prompt_file=tag != "LAST")
 

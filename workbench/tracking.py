@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from .config import Config, flatten
+from .errors import TrackingError
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -36,7 +39,8 @@ class Tracker(Protocol):
     history: dict[str, list[tuple[int, float]]]
 
     def start_run(self, name: str, experiment: str, tags: dict | None = None, parent_run_id: str | None = None,
-                  run_id: str | None = None) -> contextlib.AbstractContextManager[str]: ...
+                  run_id: str | None = None, spool_dir: Path | None = None) -> contextlib.AbstractContextManager[str]:
+        ...
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -54,7 +58,7 @@ class NullTracker:
 
     @contextlib.contextmanager
     def start_run(self, name: str, experiment: str, tags: dict | None = None, parent_run_id: str | None = None,
-                  run_id: str | None = None) -> Iterator[str]:
+                  run_id: str | None = None, spool_dir: Path | None = None) -> Iterator[str]:
         self.run_id = run_id or name
         yield self.run_id
 
@@ -88,7 +92,7 @@ class RecordingTracker(NullTracker):
 
     @contextlib.contextmanager
     def start_run(self, name: str, experiment: str, tags: dict | None = None, parent_run_id: str | None = None,
-                  run_id: str | None = None) -> Iterator[str]:
+                  run_id: str | None = None, spool_dir: Path | None = None) -> Iterator[str]:
         self.calls.append(("start_run", (name, experiment)))
         self.tags.update(tags or {})
         self.run_id = run_id or name
@@ -125,23 +129,27 @@ class RecordingTracker(NullTracker):
 class MlflowTracker(NullTracker):
     """MLflow through ``MlflowClient``: metrics are buffered and sent with ``log_batch``.
 
-    A run that raises ends FAILED, one interrupted (Ctrl-C) KILLED, never FINISHED (except
-    RunStopped, an intended early end). Safe to use from one thread; give each thread its own."""
+    The store is checked when the tracker is made (a TrackingError names it and the reason). A
+    run that raises ends FAILED, one interrupted (Ctrl-C, SIGTERM) KILLED, never FINISHED (except
+    RunStopped, an intended early end). When the store stops answering during a run, training
+    goes on: metrics stay buffered and are retried at later flushes (at most every
+    ``RETRY_SECONDS``); whatever is still undelivered when the run ends is written to
+    ``<spool_dir>/undelivered_metrics.csv`` and the run ends with a TrackingError saying so.
+    Safe to use from one thread; give each thread its own."""
 
     MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+    RETRY_SECONDS = 30.0
+    PROBE_TIMEOUT = 10.0
 
     def __init__(self, tracking_uri: str):
         super().__init__()
-        from mlflow.tracking import MlflowClient
-
         self.tracking_uri = tracking_uri
-        if tracking_uri.startswith("sqlite:///"):
-            self.client = _open_sqlite_store(tracking_uri)
-        else:
-            self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = _open_store(tracking_uri, self.PROBE_TIMEOUT)
         self._pending: list = []
         self._run_stack: list[str] = []
         self.last_run_id: str | None = None
+        self.delivery_error: str | None = None  # why the last flush failed; None when all went through
+        self._next_retry = 0.0
 
     @property
     def run_id(self) -> str | None:  # type: ignore[override]
@@ -163,34 +171,59 @@ class MlflowTracker(NullTracker):
 
     @contextlib.contextmanager
     def start_run(self, name: str, experiment: str, tags: dict | None = None, parent_run_id: str | None = None,
-                  run_id: str | None = None) -> Iterator[str]:
+                  run_id: str | None = None, spool_dir: Path | None = None) -> Iterator[str]:
         """A new run (nested under ``parent_run_id`` when given), or with ``run_id`` the same run
-        again (a resumed training run)."""
-        tags = {k: str(v) for k, v in (tags or {}).items()}
+        again (a resumed training run). Undelivered metrics are saved in ``spool_dir``."""
+        tags = {k: str(v) for k, v in (tags or {}).items()} | {"workbench.host": socket.gethostname(),
+                                                              "workbench.pid": str(os.getpid())}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        if run_id is not None:
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
+        try:
+            if run_id is not None:
+                self.client.update_run(run_id, status="RUNNING")
+                self.client.log_batch(run_id, tags=[_tag(k, v) for k, v in tags.items() if k.startswith("workbench.")])
+            else:
+                run_id = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
+        except Exception as err:
+            raise TrackingError(f"cannot start an MLflow run at {self.tracking_uri}: {_reason(err)}") from err
         self._run_stack.append(run_id)
         self.last_run_id = run_id
         status = "FAILED"
+        failed = True
         try:
             yield run_id
-            status = "FINISHED"
+            status, failed = "FINISHED", False
         except RunStopped:
-            status = "FINISHED"  # stopped on purpose (a pruned trial): its numbers so far stand
+            status, failed = "FINISHED", False  # stopped on purpose (a pruned trial): its numbers so far stand
             raise
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
+            self._next_retry = 0.0
+            self.flush()
             try:
-                self.flush()
-            finally:
                 self.client.set_terminated(run_id, status=status)
-                self._run_stack.pop()
+            except Exception as err:
+                self.delivery_error = self.delivery_error or _reason(err)
+            self._run_stack.pop()
+            if self.delivery_error is not None:
+                message = self._report_undelivered(run_id, spool_dir)
+                if not failed:  # a run's own failure is the more useful message; this one is in the log
+                    raise TrackingError(message)
+                print(f"warning: {message}", file=sys.stderr)
+
+    def _report_undelivered(self, run_id: str, spool_dir: Path | None) -> str:
+        """Write the metrics that never reached the store to a CSV; the message saying so."""
+        message = f"the tracking store {self.tracking_uri} stopped answering ({self.delivery_error})"
+        if self._pending:
+            path = Path(spool_dir or ".") / "undelivered_metrics.csv"
+            with open(path, "a") as f:
+                f.write("" if path.stat().st_size else "run_id,key,value,timestamp,step\n")
+                f.writelines(f"{run_id},{m.key},{m.value!r},{m.timestamp},{m.step}\n" for m in self._pending)
+            message += f"; {len(self._pending)} metric values were not delivered and are saved in {path}"
+            self._pending = []
+        return message + "; the run's files and checkpoints are kept"
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.log_params_to(self.run_id, params)
@@ -212,17 +245,116 @@ class MlflowTracker(NullTracker):
             self.flush()
 
     def flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:self.MAX_BATCH], self._pending[self.MAX_BATCH:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        """Send the buffered metrics. A store that does not answer keeps them buffered (retried at
+        the next flush after ``RETRY_SECONDS``) and sets ``delivery_error``."""
+        if not self._pending or time.monotonic() < self._next_retry:
+            return
+        try:
+            while self._pending:
+                self.client.log_batch(self.run_id, metrics=self._pending[:self.MAX_BATCH],
+                                      tags=[_tag(HEARTBEAT_TAG, int(time.time()))])
+                self._pending = self._pending[self.MAX_BATCH:]
+        except Exception as err:
+            if self.delivery_error is None:
+                print(f"warning: cannot log to {self.tracking_uri} ({_reason(err)}); training goes on and the "
+                      f"metrics are kept to retry", file=sys.stderr)
+            self.delivery_error = _reason(err)
+            self._next_retry = time.monotonic() + self.RETRY_SECONDS
+        else:
+            self.delivery_error = None
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        try:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as err:  # the file stays in the run folder
+            self.delivery_error = self.delivery_error or _reason(err)
+            print(f"warning: cannot store {Path(path).name} in MLflow ({_reason(err)}); it stays at {path}",
+                  file=sys.stderr)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        self.client.log_batch(self.run_id, tags=[_tag(k, v) for k, v in tags.items()])
 
-        self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+HEARTBEAT_TAG = "workbench.heartbeat"  # unix time of the run's latest flush
+STALE_AFTER_SECONDS = 3600  # a RUNNING run on another machine without a flush for this long is stale
+
+
+def stale_reason(run, now: float | None = None) -> str | None:
+    """Why a RUNNING MLflow run is stale (its process ended without closing it: SIGKILL, a
+    crashed machine), or None while it may still be alive: on this machine its process must
+    exist; elsewhere its latest flush must be younger than ``STALE_AFTER_SECONDS``."""
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    host, pid = tags.get("workbench.host"), tags.get("workbench.pid", "")
+    if host == socket.gethostname() and pid.isdigit():
+        return None if process_alive(int(pid)) else f"its process {pid} on {host} ended without closing it"
+    last = max(float(tags.get(HEARTBEAT_TAG, 0)), (run.info.start_time or 0) / 1000)
+    now = time.time() if now is None else now
+    if now - last > STALE_AFTER_SECONDS:
+        return f"no sign of life for {(now - last) / 60:.0f} min (host {host or 'unknown'})"
+    return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def mark_stale_runs(client, experiment_ids: list[str], by: str) -> list[str]:
+    """End the stale RUNNING runs of these experiments as KILLED, tagged with the reason;
+    returns their ids."""
+    marked = []
+    for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=5000):
+        reason = stale_reason(run)
+        if reason:
+            client.set_tag(run.info.run_id, "workbench.stale", f"{reason}; marked KILLED by {by}")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            marked.append(run.info.run_id)
+    return marked
+
+
+def _tag(key, value):
+    from mlflow.entities import RunTag
+
+    return RunTag(str(key), str(value))
+
+
+def _reason(err: BaseException) -> str:
+    """An exception from MLflow, SQLAlchemy or requests as one short line."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _open_store(tracking_uri: str, timeout: float):
+    """An MlflowClient on ``tracking_uri``, checked to answer; a TrackingError naming the URI and
+    the reason otherwise (an unknown scheme, a server that is down, a database that cannot be
+    opened). A server is asked once, with a short timeout, not through MLflow's minutes of retries."""
+    from mlflow.tracking import MlflowClient
+
+    scheme = tracking_uri.split("://", 1)[0] if "://" in tracking_uri else "file"
+    try:
+        if scheme in ("http", "https"):
+            import requests
+
+            requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout)
+            return MlflowClient(tracking_uri=tracking_uri)
+        if tracking_uri.startswith("sqlite:///"):
+            return _open_sqlite_store(tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+        return client
+    except Exception as err:
+        reason = _reason(err)
+        if scheme == "file" and "MLFLOW_ALLOW_FILE_STORE" in str(err):
+            reason = ("MLflow 3 no longer writes a file store; use a database such as sqlite:///mlflow.db "
+                      "(or set MLFLOW_ALLOW_FILE_STORE=true)")
+        raise TrackingError(f"tracking store {tracking_uri}: {reason}") from None
 
 
 def _open_sqlite_store(tracking_uri: str):
@@ -233,6 +365,9 @@ def _open_sqlite_store(tracking_uri: str):
 
     from mlflow.tracking import MlflowClient
 
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
     db_path = Path(tracking_uri[len("sqlite:///"):])
     lock = db_path.with_name(db_path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
