@@ -176,9 +176,12 @@ def test_resume_removes_the_temporaries_of_a_killed_save(tiny_config, tmp_path):
     (run_dir,) = Path(cfg.output_dir).iterdir()
     torn = run_dir / (next(run_dir.glob("*_LAST.pth")).name + ".abc123.tmp")
     torn.write_bytes(b"half a checkpoint")
+    log = next(run_dir.glob("*.log"))
+    assert f"run interrupted; continue it with: workbench resume {run_dir}" in log.read_text()
+    assert "run failed" not in log.read_text()  # Ctrl-C is not a failure
     train_joint(cfg, resume_dir=run_dir)
     assert not torn.exists()
-    assert "removed 1 partial file(s) of an interrupted save" in next(run_dir.glob("*.log")).read_text()
+    assert "removed 1 partial file(s) of an interrupted save" in log.read_text()
 
 
 # ---------------------------------------------------------------- runs left RUNNING
@@ -381,3 +384,80 @@ def test_ui_binds_to_this_machine_only_unless_asked(tmp_path, monkeypatch):
     assert main(["ui", "--tracking-uri", uri, "--port", "0", "--host", "0.0.0.0"]) == 0
     hosts = [args[args.index("--host") + 1] for args in started]
     assert hosts == ["127.0.0.1", "0.0.0.0"]
+
+
+def test_compare_takes_any_study_name(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'cmp.db'}"
+    client = MlflowTracker(uri).client
+    experiment = client.create_experiment("quickstart")
+    for study in ("it's", "other"):
+        run = client.create_run(experiment, tags={"study_name": study, "workbench.role": "trial"}).info.run_id
+        client.log_metric(run, "best_mAP", 50.0)
+        client.set_terminated(run)
+    assert main(["compare", "--study", "it's", "--tracking-uri", uri, "--out", str(tmp_path / "c.csv")]) == 0
+    assert "saved 1 runs" in capsys.readouterr().out
+    assert main(["compare", "--tracking-uri", "bogus://x"]) == 1
+    assert one_error_line(capsys).startswith("tracking store bogus://x: ")
+
+
+def test_output_dir_that_cannot_be_written_is_one_line(tiny_config, tmp_path, capsys, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode))
+    assert main(["run", write_config(tiny_config, tmp_path), "--tracking-uri", f"sqlite:///{tmp_path / 'w.db'}"]) == 2
+    assert one_error_line(capsys).startswith("output_dir: cannot write to ")
+
+
+@pytest.mark.slow  # two server starts: about 75 s on 2 cores; the same logic is tested above with a fake outage
+def test_a_real_tracking_server_going_away_and_coming_back(tiny_config, tmp_path, monkeypatch):
+    """`mlflow server` stopped after epoch 1 and started again after epoch 2: the run goes on and
+    every metric arrives."""
+    import signal
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+
+    def start_server():
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                return server
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+
+    def stop_server(server):
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    servers = [start_server()]
+    try:
+        tracker = MlflowTracker(uri)
+        tracker.RETRY_SECONDS = 3600.0  # after the first refusal, the next try is the end of the run
+
+        def weather(epoch, metrics):
+            if epoch == 1:
+                stop_server(servers[-1])
+            if epoch == 2:
+                servers.append(start_server())
+
+        result = train_joint(config.replace(tiny_config, epochs_image=3, log_checkpoints=False), tracker,
+                             report=weather)
+        client = MlflowClient(uri)
+        run = client.get_run(result["run_id"])
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "rank1")] == [1, 2, 3]
+        assert len(client.get_metric_history(run.info.run_id, "loss")) == len(tracker.history["loss"])
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                stop_server(server)

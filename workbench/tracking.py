@@ -338,6 +338,11 @@ def _open_store(tracking_uri: str, timeout: float):
     from mlflow.tracking import MlflowClient
 
     scheme = tracking_uri.split("://", 1)[0] if "://" in tracking_uri else "file"
+    if scheme in ("http", "https"):
+        # MLflow's defaults (7 retries, 120 s timeout) stall a run for minutes per failed flush;
+        # a tracker retries on its own, so each request gives up sooner unless the user says otherwise.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     try:
         if scheme in ("http", "https"):
             import requests
@@ -418,9 +423,8 @@ def runs_table(tracking_uri: str, experiment: str | None = None, study: str | No
     trial number, the tuned parameters, rank-k and mAP. ``experiment`` None means all
     experiments; ``study`` keeps the trials of one study."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = _open_store(tracking_uri, MlflowTracker.PROBE_TIMEOUT)
     if experiment:
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -428,9 +432,12 @@ def runs_table(tracking_uri: str, experiment: str | None = None, study: str | No
         ids = [found.experiment_id]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
-    query = f"tags.study_name = '{study}' and tags.`workbench.role` = 'trial'" if study else ""
+    # The study name is compared here, not inside the filter string, where a quote would break it.
+    query = "tags.`workbench.role` = 'trial'" if study else ""
     mlflow.set_tracking_uri(tracking_uri)
     frame = mlflow.search_runs(experiment_ids=ids, filter_string=query, output_format="pandas")
+    if study and not frame.empty:
+        frame = frame[frame.get("tags.study_name") == study]
     if frame.empty:
         return frame
     wanted = ["tags.mlflow.runName", "run_id", "status", "tags.trial_number", "tags.state", "params.n_ctx",
