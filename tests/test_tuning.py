@@ -1,7 +1,7 @@
 """Studies of the reduced quickstart against real Optuna storage and a real SQLite MLflow store."""
-import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -10,7 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from workbench import config
 from workbench.cli import main
-from workbench.tuning import TuneOptions, run_study, suggest_overrides
+from workbench.errors import UsageError
+from workbench.tuning import (INTERRUPTED, WORKER_ENDED, Study, TuneOptions, check_study_name, run_study,
+                              storage_for, suggest_overrides)
 
 FAST = ["epochs_prompt=1", "epochs_image=2", "save_checkpoints=true"]
 
@@ -18,6 +20,29 @@ FAST = ["epochs_prompt=1", "epochs_image=2", "save_checkpoints=true"]
 @pytest.fixture
 def tune_config(tiny_config):
     return config.replace(tiny_config, epochs_prompt=1, epochs_image=2)
+
+
+def with_space(cfg, space):
+    return config.replace(cfg, tune={**cfg.tune.__dict__, "space": space})
+
+
+def write_config(cfg, path):
+    path.write_text(config.replace(cfg, epochs_image=1, save_checkpoints=False).to_yaml())
+    return str(path)
+
+
+def journal_study(path, name):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def refused(capsys, argv):
+    """main(argv)'s exit status and its error line, the last line of stderr (a trial's own output
+    may come before it)."""
+    status = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("workbench: error: "), err
+    return status, err.splitlines()[-1]
 
 
 def study_runs(uri, study_name):
@@ -116,6 +141,10 @@ def test_failing_trial_leaves_the_study_running(tune_config, tmp_path):
     run = client.get_run(failed[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "n_ctx" in run.data.tags["fail_reason"]
     assert any("FAIL" in line for line in lines)
+    names = [t.state.name for t in study.trials]
+    last_trial_line = [line for line in lines if line.startswith("trial")][-1]
+    assert last_trial_line.endswith(f"[4/4 trials: {names.count('COMPLETE')} complete, 0 pruned, "
+                                    f"{names.count('FAIL')} failed; 0 replaced]")
 
 
 def test_pruned_trial_ends_cleanly(tune_config, tmp_path):
@@ -158,7 +187,8 @@ def test_two_processes_share_one_study(tune_config, tmp_path):
     workers = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "shared.journal")))
     trials = optuna.load_study(study_name="shared", storage=storage).trials
@@ -172,9 +202,9 @@ def test_cli_tune_and_compare(tune_config, tmp_path, monkeypatch, capsys):
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(config.replace(tune_config, epochs_image=1, save_checkpoints=False).to_yaml())
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    assert main(["tune", str(cfg_path), "--trials", "2", "--tracking-uri", uri, "--sampler", "random"]) == 0
+    assert main(["tune", "--trials", "2", "--tracking-uri", uri, "--sampler", "random"]) == 0  # exp.yaml here
     out = capsys.readouterr().out
-    assert "best trial" in out and "workbench run" in out
+    assert "best trial" in out and "workbench run exp.yaml" in out
     assert main(["compare", "--study", "exp", "--tracking-uri", uri, "--out", str(tmp_path / "c.csv")]) == 0
     out = capsys.readouterr().out
     assert "saved 2 runs" in out
@@ -225,3 +255,114 @@ def test_workbench_ui_serves_the_tracking_store(tmp_path):
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+
+
+def test_killed_and_interrupted_trials_do_not_count(tune_config, tmp_path):
+    options = TuneOptions(trials=3, study_name="count", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    study = Study(tune_config, options, log=lambda _: None, studies_dir=tmp_path / "studies")
+    for reason in [None, INTERRUPTED, "ValueError: the run produced no finite best_mAP", WORKER_ENDED]:
+        trial = study.study.ask()
+        if reason is None:
+            study.study.tell(trial, 50.0)
+        else:
+            trial.set_user_attr("fail_reason", reason)
+            study.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    study.study.ask()  # running
+    assert study.remaining() == 1 and study._claimed() == 3
+    assert study.tally() == "2/3 trials: 1 complete, 0 pruned, 1 failed; 2 replaced"
+
+
+def test_sampler_of_a_resumed_study_does_not_repeat_itself(tune_config, tmp_path):
+    cfg = with_space(tune_config, {"lr": {"type": "float", "low": 1e-4, "high": 5e-4}})  # no baseline trial
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+
+    def first_params(name, storage):
+        options = TuneOptions(trials=1, study_name=name, storage=str(storage), tracking_uri=uri, sampler="random")
+        study = Study(cfg, options, log=lambda _: None, studies_dir=tmp_path / "studies")
+        return suggest_overrides(study.study.ask(), cfg.tune.space)
+
+    first = first_params("a", tmp_path / "a.journal")
+    assert first_params("b", tmp_path / "b.journal") == first  # a fresh study is reproducible
+    assert first_params("a", tmp_path / "a.journal") != first  # opened again: new proposals
+
+
+def test_killed_worker_is_failed_and_replaced(tune_config, tmp_path, monkeypatch, capsys):
+    """SIGKILL mid-trial, then the same command again: the killed trial is FAIL in Optuna and its
+    MLflow run KILLED with the reason; a new trial with new parameters replaces it."""
+    monkeypatch.chdir(tmp_path)
+    cfg = with_space(tune_config, {"lr": {"type": "float", "low": 1e-4, "high": 5e-4}})
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    argv = ["tune", write_config(cfg, tmp_path / "exp.yaml"), "--trials", "1", "--tracking-uri", uri,
+            "--sampler", "random", "--pruner", "none"]
+    worker = subprocess.Popen([sys.executable, "-m", "workbench.cli"] + argv, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    journal = tmp_path / "studies" / "exp.journal"
+    try:
+        deadline = time.time() + 300
+        while not (journal.exists() and any("mlflow_run_id" in t.user_attrs
+                                            for t in journal_study(journal, "exp").trials)):
+            assert worker.poll() is None and time.time() < deadline, "the trial's MLflow run never appeared"
+            time.sleep(0.05)
+    finally:
+        worker.kill()  # SIGKILL: no handler runs, the trial and its MLflow run stay RUNNING
+        worker.wait()
+    assert main(argv) == 0
+    assert "1 replaced" in capsys.readouterr().out
+
+    killed, new = journal_study(journal, "exp").trials
+    assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["fail_reason"] == WORKER_ENDED
+    assert new.state == optuna.trial.TrialState.COMPLETE and new.params != killed.params
+    client, parents, children = study_runs(uri, "exp")
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 2
+    killed_run = client.get_run(killed.user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "KILLED" and killed_run.data.tags["state"] == "FAIL"
+    assert killed_run.data.tags["fail_reason"].startswith(WORKER_ENDED)
+    assert client.get_run(new.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_study_whose_trials_all_fail_ends_with_one_line(tune_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = with_space(tune_config, {"n_ctx": {"type": "categorical", "choices": [70, 71]}})  # both too long
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    status, err = refused(capsys, ["tune", write_config(cfg, tmp_path / "bad.yaml"), "--trials", "2",
+                                   "--tracking-uri", uri, "--sampler", "random"])
+    assert status == 1 and "all 2 trials failed; the first reason (trial 0): " in err and "n_ctx" in err
+    _, parents, children = study_runs(uri, "bad")
+    assert [p.info.status for p in parents] == ["FAILED"] and len(children) == 2
+
+
+def test_tune_refuses_bad_arguments_before_anything_starts(tune_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg_path = write_config(tune_config, tmp_path / "exp.yaml")
+    (tmp_path / "somefile.txt").write_text("")
+    base = ["tune", cfg_path, "--trials", "1", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    for extra, status, words in [(["--n-jobs", "0"], 2, "--n-jobs"), (["--n-jobs", "-2"], 2, "--n-jobs"),
+                                 (["--timeout", "-1"], 2, "--timeout"), (["--timeout", "0"], 2, "--timeout"),
+                                 (["--study-name", "../../x"], 2, "--study-name"),
+                                 (["--storage", "somefile.txt/study.journal"], 1, "somefile.txt"),
+                                 (["--storage", "sqlite:////nonexistent/dir/x.db"], 1, "cannot open"),
+                                 (["--storage", "postgresql://u@localhost/db"], 1, "cannot open")]:
+        code, err = refused(capsys, base + extra)
+        assert code == status and words in err, (extra, err)
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "studies").exists()  # nothing was created
+    assert not (tmp_path.parent / "x.journal").exists()  # studies/../../x
+
+
+def test_study_names_are_plain_file_names(tmp_path):
+    for name in ["quickstart", "exp_1a2b3c4d", "run-2.v1"]:
+        assert check_study_name(name) == name
+    for name in ["../../x", "a/b", ".hidden", "", "a" * 201, "a b"]:
+        with pytest.raises(UsageError, match="--study-name"):
+            check_study_name(name)
+    with pytest.raises(UsageError):  # workbench ui --study takes the same path
+        storage_for("../x", None, tmp_path / "studies")
+
+
+def test_tune_without_config_lists_the_experiment_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "a.yaml").write_text("lr: 1.0e-3\ntune:\n  metric: best_mAP\n")
+    (tmp_path / "b.yaml").write_text("lr: 1.0e-3\n")
+    (tmp_path / "c.yaml").write_text("tune:\n  sampler: random\n")
+    status, err = refused(capsys, ["tune", "--trials", "50"])
+    assert status == 2 and "no exp.yaml here" in err and err.endswith(": c.yaml, experiments/a.yaml")

@@ -122,7 +122,7 @@ def cmd_tune(args) -> int:
         raise ConfigError(f"stage_mode: {cfg.stage_mode} has no image stage, so no ReID metric to tune")
     if not (cfg.has_holdout or (Path(cfg.data_root) / "val").is_dir()) and not args.select_on_test:
         raise ConfigError("val_identities: tuning needs a validation hold-out (set val_identities, e.g. 0.2) "
-                                 "so that trials are not chosen on the test split; --select-on-test to do it anyway")
+                          "so that trials are not chosen on the test split; --select-on-test to do it anyway")
     selected_on = config.TUNE_METRICS[cfg.tune.metric]
     if cfg.tune.metric.startswith("best_") and selected_on != cfg.select_metric:
         print(f"note: tune.metric {cfg.tune.metric} reads the epoch that select_metric {cfg.select_metric} picked, "

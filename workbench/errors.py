@@ -56,6 +56,10 @@ class StorageError(WorkbenchError):
     """The Optuna study storage cannot be opened or written."""
 
 
+class StudyFailed(WorkbenchError):
+    """Every counted trial of a tuning study failed."""
+
+
 class ResourceError(WorkbenchError, OSError):
     """The machine refused: disk full, folder not writable, port taken."""
 

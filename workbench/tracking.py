@@ -311,6 +311,8 @@ def mark_stale_runs(client, experiment_ids: list[str], by: str) -> list[str]:
     returns their ids."""
     marked = []
     for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=5000):
+        if run.data.tags.get("workbench.role") == "study":  # a study's parent run: its workers close it
+            continue
         reason = stale_reason(run)
         if reason:
             client.set_tag(run.info.run_id, "workbench.stale", f"{reason}; marked KILLED by {by}")

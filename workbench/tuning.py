@@ -3,6 +3,10 @@
 One function maps a trial to config overrides (``suggest_overrides``); the objective applies them
 and calls the same ``train_joint`` as ``workbench run``; the image stage's ``report`` callback
 feeds Optuna's pruner. Each trial is an MLflow run nested under one parent run per study.
+
+``--trials N`` asks for N counted trials: COMPLETE, PRUNED, and FAIL when the trial failed on its
+own (a sampled config the validation rejects, a NaN), which would fail again. A trial whose worker
+went away (killed, Ctrl-C, SIGTERM) does not count: re-running the command replaces it.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shlex
 import socket
 import sys
@@ -25,11 +30,19 @@ import optuna
 
 from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
+from .errors import StorageError, StudyFailed, TrackingError, UsageError, os_error_message
 from .runner import FeatureCache, train_joint
-from .tracking import MlflowTracker, RunStopped
+from .tracking import MlflowTracker, RunStopped, mark_stale_runs, process_alive
 
 STUDIES_DIR = Path("studies")
 PARENT_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"
+SESSIONS_ATTR = "tune_sessions"
+# A study's name names files under studies/: a plain name, never a path.
+STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+# Why a trial failed when it was not the trial's fault: it does not count and gets replaced.
+WORKER_ENDED = "its worker process ended"
+INTERRUPTED = "interrupted"
 
 
 class TrialPruned(RunStopped):
@@ -48,6 +61,49 @@ class TuneOptions:
     tracking_uri: str | None = None
     keep_checkpoints: str | None = None
 
+    def __post_init__(self):
+        # Checked before anything is created: a wrong value leaves no study and no MLflow run.
+        if self.trials < 1:
+            raise UsageError(f"--trials: must be >= 1, got {self.trials}")
+        if self.n_jobs < 1:
+            raise UsageError(f"--n-jobs: must be >= 1, got {self.n_jobs}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise UsageError(f"--timeout: must be > 0 seconds, got {self.timeout}")
+        check_study_name(self.study_name)
+
+
+def check_study_name(name: str) -> str:
+    """``name`` when it is a plain file name of letters, digits, '.', '_' and '-' (no leading dot,
+    at most 200 characters); a UsageError otherwise, so that no study writes outside studies/."""
+    if not STUDY_NAME.fullmatch(name):
+        raise UsageError(f"--study-name {name!r}: use letters, digits, '.', '_' and '-' only, not starting with "
+                         f"'.', at most 200 characters (the name names files under studies/)")
+    return name
+
+
+def plain_study_name(text: str) -> str:
+    """``text`` made a valid study name: other characters become '_', leading dots go."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")[:200] or "study"
+
+
+def default_tune_config(folder: Path = Path(".")) -> str:
+    """``exp.yaml`` when ``folder`` holds one; otherwise a UsageError that names the experiment
+    files (``*.yaml``, ``experiments/*.yaml``) with a top-level ``tune:`` section."""
+    if (folder / "exp.yaml").is_file():
+        return str(folder / "exp.yaml")
+    candidates = sorted(folder.glob("*.yaml")) + sorted(folder.glob("experiments/*.yaml"))
+    found = [str(p.relative_to(folder)) for p in candidates if _has_tune_section(p)]
+    raise UsageError("no config given and no exp.yaml here; " + (
+        f"experiment files with a tune: section: {', '.join(found)}" if found
+        else "no *.yaml or experiments/*.yaml here has a tune: section"))
+
+
+def _has_tune_section(path: Path) -> bool:
+    try:
+        return re.search(r"^tune:", path.read_text(errors="replace"), re.MULTILINE) is not None
+    except OSError:
+        return False
+
 
 def storage_for(study_name: str, storage: str | None, studies_dir: Path = STUDIES_DIR):
     """``storage`` as Optuna takes it: a database URL (``sqlite:///...``, ``postgresql://...``) is
@@ -55,11 +111,18 @@ def storage_for(study_name: str, storage: str | None, studies_dir: Path = STUDIE
     storage, which several processes can share safely (SQLite may answer 'database is locked')."""
     if storage and "://" in storage:
         return storage, storage
-    path = Path(storage) if storage else studies_dir / f"{study_name}.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(storage) if storage else studies_dir / f"{check_study_name(study_name)}.journal"
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path))), str(path)
+    blocking = next((p for p in path.parents if p.is_file()), None)
+    if blocking is not None:
+        raise StorageError(f"--storage {path}: {blocking} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = JournalFileBackend(str(path))
+    except OSError as err:
+        raise StorageError(os_error_message(err, f"--storage: cannot create the journal {path}")) from None
+    return optuna.storages.JournalStorage(backend), str(path)
 
 
 def build_sampler(name: str, seed: int):
@@ -104,6 +167,39 @@ def rerun_command(config_path: str | None, base_overrides: list[str], values: di
     return " ".join(shlex.quote(a) for a in args)
 
 
+def _replaced(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial that failed because its worker went away: it does not count toward ``trials``."""
+    return trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get("fail_reason") in (WORKER_ENDED,
+                                                                                                  INTERRUPTED)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _tag_outcome(client, run_id: str, state: str, reason: str | None = None) -> None:
+    """The trial's Optuna state (and why it failed) as tags on its MLflow run."""
+    client.set_tag(run_id, "state", state)
+    if reason:
+        client.set_tag(run_id, "fail_reason", reason[:5000])
+
+
+class _TrialTracker(MlflowTracker):
+    """Writes the MLflow run's id on the Optuna trial as soon as the run exists, so that the run
+    of a worker killed mid-trial can be found and ended by the next worker (``_fail_dead_workers``)."""
+
+    def __init__(self, tracking_uri: str, trial: optuna.trial.Trial):
+        super().__init__(tracking_uri)
+        self.trial = trial
+
+    @contextlib.contextmanager
+    def start_run(self, *args, **kwargs):
+        with super().start_run(*args, **kwargs) as run_id:
+            self.trial.set_user_attr(RUN_ATTR, run_id)
+            yield run_id
+
+
 def _in_space(value, spec) -> bool:
     if spec["type"] == "categorical":
         return value in spec["choices"]
@@ -123,24 +219,28 @@ class Study:
         self.pruner_name = options.pruner or self.tune.pruner
         self.sampler_name = options.sampler or self.tune.sampler
         self.keep = options.keep_checkpoints or self.tune.keep_checkpoints
-        studies_dir.mkdir(parents=True, exist_ok=True)
         self.storage, self.storage_label = storage_for(options.study_name, options.storage, studies_dir)
         self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
         self.tracking_uri = options.tracking_uri
         try:
             self.study = optuna.create_study(
                 study_name=options.study_name, storage=self.storage, load_if_exists=True,
-                direction=self.tune.direction, sampler=build_sampler(self.sampler_name, cfg.seed),
-                pruner=build_pruner(self.pruner_name, cfg.epochs_image))
+                direction=self.tune.direction, pruner=build_pruner(self.pruner_name, cfg.epochs_image))
         except Exception as err:  # a wrong URL, a missing driver, an unreachable server
-            lines = str(err).strip().splitlines()
-            raise ConfigError(f"--storage: cannot open {self.storage_label}: "
-                              f"{lines[0] if lines else type(err).__name__}") from None
+            raise StorageError(f"--storage: cannot open {self.storage_label}: {_first_line(err)}") from None
+        studies_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.studies_dir = studies_dir
         self.lock_path = studies_dir / f"{options.study_name}.lock"
         with self._claim_lock():  # workers starting together agree on one parent run and one baseline
             self.parent_run_id = self._parent_run()
+            self._fail_dead_workers()
+            # The k-th process to open the study samples with seed + k: a fresh study is
+            # reproducible, a resumed one does not repeat the killed trials' parameters, and two
+            # workers do not propose the same ones.
+            session = self.study.user_attrs.get(SESSIONS_ATTR, 0)
+            self.study.set_user_attr(SESSIONS_ATTR, session + 1)
+            self.study.sampler = build_sampler(self.sampler_name, cfg.seed + session)
             self._enqueue_defaults()
 
     # ------------------------------------------------------------------ MLflow parent run
@@ -148,7 +248,11 @@ class Study:
         tracker = MlflowTracker(self.tracking_uri)
         existing = self.study.user_attrs.get(PARENT_ATTR)
         if existing:
-            tracker.client.update_run(existing, status="RUNNING")
+            try:
+                tracker.client.update_run(existing, status="RUNNING")
+            except Exception as err:  # mostly: the study was started with another --tracking-uri
+                raise TrackingError(f"study {self.options.study_name}: cannot reopen its MLflow parent run {existing} "
+                                    f"in {self.tracking_uri}: {_first_line(err)}") from None
             return existing
         tags = {"study_name": self.options.study_name, "storage": self.storage_label, "sampler": self.sampler_name,
                 "pruner": self.pruner_name, "tune_metric": self.metric, "direction": self.tune.direction,
@@ -166,8 +270,11 @@ class Study:
         return run_id
 
     def _enqueue_defaults(self) -> None:
-        """A new study first tries the config as written, so its best is never worse than that."""
-        if self.study.trials:
+        """A new study first tries the config as written, so its best is never worse than that
+        (again when the first try's worker was killed)."""
+        trials = self.study.get_trials(deepcopy=False)
+        baselines = [t for t in trials if t.user_attrs.get("baseline")]
+        if trials and not (baselines and all(_replaced(t) for t in baselines)):
             return
         values = {k: getattr(self.cfg, k) for k in self.tune.space}
         if all(_in_space(v, self.tune.space[k]) for k, v in values.items()):
@@ -191,32 +298,29 @@ class Study:
                 raise TrialPruned(f"pruned after epoch {epoch} at {report_key} {metrics[report_key]:.2f}")
 
         stem = build_filename(cfg, cfg.epochs_image, "image")
-        tracker = MlflowTracker(self.tracking_uri)
+        tracker = _TrialTracker(self.tracking_uri, trial)
         tags = {"study_name": self.options.study_name, "trial_number": trial.number, "workbench.role": "trial"}
         try:
             result = train_joint(cfg, tracker, report, run_name=f"{stem}_trial{trial.number}",
                                  parent_run_id=self.parent_run_id, extra_tags=tags,
                                  feature_cache=self.feature_cache, keep_checkpoints=self.keep == "all")
+            value = result[self.metric]
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"the run produced no finite {self.metric}")
         except TrialPruned as stop:
-            run_id = tracker.last_run_id
-            tracker.client.set_tag(run_id, "state", "PRUNED")
-            trial.set_user_attr("mlflow_run_id", run_id)
+            _tag_outcome(tracker.client, tracker.last_run_id, "PRUNED")
             raise optuna.TrialPruned(str(stop)) from None
-        except Exception as err:
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        except (Exception, KeyboardInterrupt) as err:
+            message = str(err).strip()
+            reason = INTERRUPTED if isinstance(err, KeyboardInterrupt) else \
+                f"{type(err).__name__}: {message.splitlines()[-1] if message else ''}"
             trial.set_user_attr("fail_reason", reason)
             if tracker.last_run_id:
-                trial.set_user_attr("mlflow_run_id", tracker.last_run_id)
-                tracker.client.set_tag(tracker.last_run_id, "state", "FAIL")
-                tracker.client.set_tag(tracker.last_run_id, "fail_reason", reason[:5000])
+                _tag_outcome(tracker.client, tracker.last_run_id, "FAIL", reason)
             raise
-        value = result[self.metric]
-        trial.set_user_attr("mlflow_run_id", result["run_id"])
         trial.set_user_attr("run_dir", result["run_dir"])
-        tracker.client.set_tag(result["run_id"], "state", "COMPLETE")
+        _tag_outcome(tracker.client, result["run_id"], "COMPLETE")
         tracker.client.set_tag(result["run_id"], "objective", value)
-        if value is None or not math.isfinite(value):
-            raise ValueError(f"the run produced no finite {self.metric}")
         return value
 
     def trial_dir(self, number: int) -> Path:
@@ -240,13 +344,41 @@ class Study:
     # ------------------------------------------------------------------ running
     FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
+    def counts(self) -> dict[str, int]:
+        """Trials by outcome: complete, pruned and failed count toward ``trials``; replaced (failed
+        because their worker went away) do not; running are claimed."""
+        counts = dict.fromkeys(("complete", "pruned", "failed", "replaced", "running"), 0)
+        for trial in self.study.get_trials(deepcopy=False):
+            key = "replaced" if _replaced(trial) else {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
+                                                       "RUNNING": "running"}.get(trial.state.name)
+            if key:
+                counts[key] += 1
+        return counts
+
     def remaining(self) -> int:
-        done = self.study.get_trials(deepcopy=False, states=self.FINISHED)
-        return max(0, self.options.trials - len(done))
+        """Counted trials still missing."""
+        counts = self.counts()
+        return max(0, self.options.trials - counts["complete"] - counts["pruned"] - counts["failed"])
 
     def _claimed(self) -> int:
-        states = self.FINISHED + (optuna.trial.TrialState.RUNNING,)
-        return len(self.study.get_trials(deepcopy=False, states=states))
+        counts = self.counts()
+        return counts["complete"] + counts["pruned"] + counts["failed"] + counts["running"]
+
+    def tally(self) -> str:
+        """'3/10 trials: 2 complete, 0 pruned, 1 failed; 1 replaced'."""
+        c = self.counts()
+        return (f"{c['complete'] + c['pruned'] + c['failed']}/{self.options.trials} trials: {c['complete']} complete, "
+                f"{c['pruned']} pruned, {c['failed']} failed; {c['replaced']} replaced")
+
+    def failure(self) -> str | None:
+        """Why the study failed when every counted trial failed (and at least one did); else None."""
+        counts = self.counts()
+        if not counts["failed"] or counts["complete"] or counts["pruned"]:
+            return None
+        first = min((t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL
+                     and not _replaced(t)), key=lambda t: t.number)
+        return (f"all {counts['failed']} trials failed; the first reason (trial {first.number}): "
+                f"{first.user_attrs.get('fail_reason', 'unknown')}")
 
     @contextlib.contextmanager
     def _claim_lock(self):
@@ -261,18 +393,26 @@ class Study:
 
     def _fail_dead_workers(self) -> None:
         """Trials left RUNNING by a process of this machine that no longer exists (killed) are
-        marked FAIL, so that resuming runs them again."""
+        marked FAIL, and their MLflow runs KILLED, so that they are replaced (call under the claim
+        lock)."""
         host = socket.gethostname()
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-            if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
                 storage = self.study._storage  # Optuna has no public call to fail a foreign trial
-                storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process ended")
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason", WORKER_ENDED)
                 storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+                run_id = trial.user_attrs.get(RUN_ATTR)
+                if run_id:
+                    client = MlflowTracker(self.tracking_uri).client
+                    _tag_outcome(client, run_id, "FAIL", f"{WORKER_ENDED} (pid {pid})")
+                    client.set_terminated(run_id, "KILLED")
+                self.log(f"trial {trial.number:3d} FAIL     {WORKER_ENDED} (pid {pid}); it will be replaced")
 
     def _worker(self, deadline: float | None) -> None:
         while deadline is None or time.time() < deadline:
             with self._claim_lock():
+                self._fail_dead_workers()
                 if self._claimed() >= self.options.trials:
                     return
                 trial = self.study.ask()
@@ -283,7 +423,7 @@ class Study:
             except optuna.TrialPruned:
                 frozen = self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", "interrupted")
+                trial.set_user_attr("fail_reason", INTERRUPTED)
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
             except Exception:  # the study goes on; the reason is on the trial and its MLflow run
@@ -307,15 +447,19 @@ class Study:
         else:
             what = f"{self.metric} {value}"
         self.log(f"trial {trial.number:3d} {trial.state.name:8s} {what}  {params}  {seconds:.0f}s  best {best}"
-                 + (f"  ({reason})" if reason else ""))
+                 + (f"  ({reason})" if reason else "") + f"  [{self.tally()}]")
 
     def run(self) -> optuna.Study:
-        """Run trials until the study holds ``trials`` finished ones (resuming an existing study
-        runs only the missing ones), then write the summary to the parent run."""
-        self._fail_dead_workers()
-        self.log(f"study {self.options.study_name} ({self.storage_label}): {len(self.study.trials)} trials so far, "
-                 f"{self.remaining()} to go, {self.options.n_jobs} at a time; pruner {self.pruner_name}, sampler "
-                 f"{self.sampler_name}, {self.tune.direction} {self.metric}")
+        """Run trials until the study holds ``trials`` counted ones (resuming an existing study
+        runs only the missing ones), then write the summary to the parent run. Raises StudyFailed
+        when every counted trial failed."""
+        client = MlflowTracker(self.tracking_uri).client
+        stale = mark_stale_runs(client, [client.get_run(self.parent_run_id).info.experiment_id], "workbench tune")
+        if stale:
+            self.log(f"marked {len(stale)} stale RUNNING run(s) KILLED (their process ended without closing them)")
+        self.log(f"study {self.options.study_name} ({self.storage_label}): {self.tally()}, {self.remaining()} to go, "
+                 f"{self.options.n_jobs} at a time; pruner {self.pruner_name}, sampler {self.sampler_name}, "
+                 f"{self.tune.direction} {self.metric}")
         deadline = time.time() + self.options.timeout if self.options.timeout else None
         try:
             if self.options.n_jobs == 1:
@@ -328,6 +472,9 @@ class Study:
             MlflowTracker(self.tracking_uri).client.set_terminated(self.parent_run_id, "KILLED")
             raise
         self.summarise()
+        failure = self.failure()
+        if failure:
+            raise StudyFailed(failure)
         return self.study
 
     def summarise(self) -> None:
@@ -357,13 +504,14 @@ class Study:
                                              "rerun": best.user_attrs.get("rerun")}, indent=1))
             client.log_artifact(parent, str(best_file))
             if self.keep == "best" and best.user_attrs.get("run_dir"):
-                logged = {a.path for a in client.list_artifacts(best.user_attrs["mlflow_run_id"], "checkpoints")}
+                logged = {a.path for a in client.list_artifacts(best.user_attrs[RUN_ATTR], "checkpoints")}
                 for path in sorted(Path(best.user_attrs["run_dir"]).glob("*.pth")):
                     if f"checkpoints/{path.name}" not in logged:
-                        client.log_artifact(best.user_attrs["mlflow_run_id"], str(path), "checkpoints")
+                        client.log_artifact(best.user_attrs[RUN_ATTR], str(path), "checkpoints")
             for plot in _optuna_plots(self.study, out, self.options.study_name):
                 client.log_artifact(parent, str(plot), "plots")
-        client.set_terminated(parent, "FINISHED")
+        if not self.counts()["running"]:  # otherwise a worker still at work ends the parent run
+            client.set_terminated(parent, "FAILED" if self.failure() else "FINISHED")
 
 
 def _optuna_plots(study: optuna.Study, folder: Path, name: str) -> list[Path]:
@@ -398,16 +546,6 @@ def _optuna_plots(study: optuna.Study, folder: Path, name: str) -> list[Path]:
     return written
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def run_study(cfg: Config, options: TuneOptions, config_path: str | None = None,
               base_overrides: list[str] | None = None, log: Callable[[str], None] = print,
               studies_dir: Path = STUDIES_DIR) -> optuna.Study:
@@ -416,5 +554,5 @@ def run_study(cfg: Config, options: TuneOptions, config_path: str | None = None,
     started = time.perf_counter()
     study = Study(cfg, options, config_path, base_overrides, log, studies_dir)
     result = study.run()
-    log(f"study finished in {time.perf_counter() - started:.0f}s")
+    log(f"study finished in {time.perf_counter() - started:.0f}s: {study.tally()}")
     return result
