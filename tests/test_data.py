@@ -1,5 +1,6 @@
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,65 @@ def test_holdout_gallery_image_comes_from_the_rarest_camera():
         query, gallery = _one_gallery_image_per_identity(records, seed)
         assert [(r.pid, r.camid) for r in gallery] == [("a", 2), ("b", 1)]
         assert len(query) == 7  # every query now has a match from another camera
+
+
+def _market_fixture(root):
+    """A tiny Market-1501 folder: 3 training ids, 2 test ids over 2 cameras, a distractor (0000)
+    and a junk image (-1) in the gallery, a junk image in the query."""
+    names = {
+        "bounding_box_train": ["0002_c1s1_000451_03.jpg", "0002_c2s1_000551_01.jpg", "0007_c1s1_000101_01.jpg",
+                               "0007_c3s1_000201_02.jpg", "0010_c2s2_000301_01.jpg", "0010_c4s2_000401_01.jpg"],
+        "query": ["0001_c1s1_001051_00.jpg", "0003_c2s1_000151_00.jpg", "-1_c1s1_000001_00.jpg"],
+        "bounding_box_test": ["0001_c2s1_000301_01.jpg", "0001_c1s1_001101_02.jpg", "0003_c1s1_000201_01.jpg",
+                              "0000_c3s1_000001_01.jpg", "-1_c1s1_000011_01.jpg"],
+    }
+    for folder, files in names.items():
+        (root / folder).mkdir(parents=True)
+        for name in files:
+            Image.new("RGB", (16, 32), (120, 60, 30)).save(root / folder / name)
+    return root
+
+
+def test_market1501_layout_is_read_as_torchreid_reads_it(tmp_path):
+    root = _market_fixture(tmp_path / "market")
+    data = load_reid_dataset(root)  # detected
+    assert data.classnames == ["0002", "0007", "0010"]
+    assert sorted((r.pid, r.camid) for r in data.query) == [("0001", 1), ("0003", 2)]  # junk -1 dropped
+    gallery = sorted((r.pid, r.camid) for r in data.gallery)
+    assert gallery == [("0000", 3), ("0001", 1), ("0001", 2), ("0003", 1)]  # distractor kept, junk dropped
+    assert data.has_cameras
+    (root / "bounding_box_train" / "bad_name.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="bad_name.jpg: not a Market-1501 file name"):
+        load_reid_dataset(root, layout="market1501")
+    with pytest.raises(DataError, match="not found"):
+        load_reid_dataset(root, layout="folders")
+
+
+def test_prepared_splits_are_chosen_by_number(tmp_path, synth_root):
+    root = tmp_path / "prepared"
+    shutil.copytree(synth_root / "train", root / "train")
+    for i, (query, gallery) in enumerate([("query", "gallery"), ("gallery", "query")]):
+        shutil.copytree(synth_root / query, root / f"query{i}")
+        shutil.copytree(synth_root / gallery, root / f"gallery{i}")
+    zero, one = load_reid_dataset(root, split=0), load_reid_dataset(root, split=1)
+    assert {r.path.split("/")[-1] for r in zero.query} == {r.path.split("/")[-1] for r in one.gallery}
+    with pytest.raises(DataError, match=r"no query5/gallery5 \(prepared splits: 0..1\)"):
+        load_reid_dataset(root, split=5)
+    with pytest.raises(DataError, match="it has one test split: use split 0"):
+        load_reid_dataset(synth_root, split=1)
+
+
+def test_a_val_folder_of_one_image_per_training_identity(tmp_path, synth_root):
+    """The hand protocol's validation set: queries against the other training images of their ids."""
+    root = tmp_path / "handval"
+    shutil.copytree(synth_root, root)
+    first = {}
+    for image in sorted((root / "train").rglob("*.png")):
+        first.setdefault(image.parent.name, image)
+    for pid, image in first.items():
+        (root / "val" / pid).mkdir(parents=True)
+        shutil.copy(image, root / "val" / pid / image.name)
+    data = load_reid_dataset(root)
+    assert data.val_source == "folder" and len(data.val_query) == len(first)
+    assert {r.pid for r in data.val_gallery} == set(first)
+    assert not {Path(r.path).name for r in data.val_query} & {Path(r.path).name for r in data.val_gallery}

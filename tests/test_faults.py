@@ -262,7 +262,7 @@ def test_eval_names_what_a_wrong_checkpoint_file_is(tiny_config, tmp_path, capsy
     torch.save(state | {"metadata": state["metadata"] | {"architecture": "ViT-B-16"}}, files["other_arch"])
     expected = {
         "prompt_only": "is a prompt-only file (*_prompt.pth)",
-        "prompt_stage": "is from stage prompt, expected stage image",
+        "prompt_stage": "is the prompt stage's checkpoint: evaluate it with --prompts",
         "tensor": "holds a single tensor, not a workbench checkpoint",
         "state_dict": "is a plain state dict",
         "random": "is not a readable checkpoint",

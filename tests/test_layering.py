@@ -2,20 +2,23 @@
 import ast
 from pathlib import Path
 
-ORDER = ["errors", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages",
-         "runner", "tuning", "cli"]
+ORDER = ["errors", "config", "data", "prepare", "model", "heads", "losses", "evaluation", "pictures", "checkpoint",
+         "tracking", "stages", "runner", "tuning", "cli"]
 ALLOWED = {
     "errors": set(),
     "config": {"errors"},
     "data": {"errors", "config"},
+    "prepare": {"errors", "config", "data"},
     "model": {"errors", "config"},
     "heads": {"errors", "config", "model"},
     "losses": {"errors"},
     "evaluation": {"errors", "config", "model", "heads"},
+    "pictures": {"errors"},
     "checkpoint": {"errors"},
     "tracking": {"errors", "config"},
     "stages": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking"},
-    "runner": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages"},
+    "runner": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "pictures", "checkpoint", "tracking",
+               "stages"},
     "tuning": {"errors", "config", "runner", "tracking"},
     "cli": set(ORDER) - {"cli"},
 }

@@ -1,4 +1,5 @@
 """End to end: the reduced quickstart against a real SQLite MLflow store, checked through MlflowClient."""
+import json
 import math
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def test_quickstart_end_to_end_in_mlflow(tiny_config, tmp_path, capsys):
         assert all(math.isfinite(m.value) for m in history), key
     for key in AT_END:
         assert key in run.data.metrics, key
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # the runs table's Dataset column
+    assert sorted(inputs) == ["test split 0", "train", "validation"]
+    assert inputs["train"].name == "synthetic_hands" and len({d.digest for d in inputs.values()}) == 3
+    assert json.loads(inputs["train"].source)["uri"] == str(Path(tiny_config.data_root).resolve())
     assert run.data.metrics["best_rank1"] == pytest.approx(result["best_rank1"])
     assert run.data.params["lr"] == "0.001" and run.data.params["n_ctx"] == "4"
     assert run.data.params["tune.metric"] == "best_mAP" and "loss_list" in run.data.params

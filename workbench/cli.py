@@ -159,8 +159,13 @@ def cmd_compare(args) -> int:
         return 0
     import pandas as pd
 
-    with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 20):
-        print(frame.to_string(index=False))
+    if args.table in ("md", "latex"):
+        shown = frame.drop(columns=[c for c in ("run_id",) if c in frame.columns])
+        rows = [[_cell(v) for v in row] for row in shown.itertuples(index=False)]
+        print(format_table([str(c) for c in shown.columns], rows, args.table))
+    else:
+        with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 20):
+            print(frame.to_string(index=False))
     out = Path(args.out or f"compare_{args.study or args.experiment or 'all'}.csv")
     frame.to_csv(out, index=False)
     print(f"saved {len(frame)} runs to {out}")
@@ -229,30 +234,54 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def cmd_eval(args) -> int:
-    """Evaluate a BEST / FINAL checkpoint (or an untrained model) on query / gallery."""
+    """Evaluate a checkpoint (or the untrained model): on one split, on many (--splits, with the
+    mean and standard deviation, pictures and MLflow), or by image-to-prompt retrieval (--prompts)."""
     import torch
 
     from . import config
-    from .checkpoint import load_checkpoint
-    from .evaluation import validate
+    from .checkpoint import CheckpointMismatch, load_checkpoint, read_checkpoint
+    from .data import available_splits
+    from .evaluation import validate, validate_stage1_prompts
     from .runner import build_model_and_loaders, ensure_dataset, load_data, seed_everything, select_device
-    from .stages import ImageStageSettings, eval_splits
+    from .stages import ImageStageSettings, cache_image_features, eval_splits
 
-    cfg = config.load(args.config, args.set)
+    checkpoint = _checkpoint_file(Path(args.checkpoint)) if args.checkpoint else None
+    if args.config and args.config_option:
+        raise UsageError("give the config once: as CONFIG or as --config")
+    cfg = config.load(args.config or args.config_option or _run_config(checkpoint), args.set)
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     ensure_dataset(cfg, print)
     data = load_data(cfg)
-    loaders, model, _, _ = build_model_and_loaders(cfg, data, device)
-    if args.checkpoint:
-        from .checkpoint import CheckpointMismatch
-
+    loaders, model, prompt_learner, _ = build_model_and_loaders(cfg, data, device)
+    state = read_checkpoint(checkpoint) if checkpoint else None
+    stage = (state or {}).get("metadata", {}).get("stage", "image")
+    if state is not None:
+        if stage == "prompt" and not args.prompts:
+            raise UsageError(f"{checkpoint} is the prompt stage's checkpoint: evaluate it with --prompts, or give "
+                             f"the image stage's BEST or FINAL")
+        target = dict(model=prompt_learner) if stage == "prompt" else dict(
+            model=model, prompt_learner=prompt_learner if state.get("prompt_learner_state_dict") else None)
         try:
-            state = load_checkpoint(args.checkpoint, model=model, device=device, restore_rng=False, log=print,
-                                    metadata_expected={"architecture": cfg.model_type, "stage": "image"})
+            load_checkpoint(checkpoint, **target, device=device, restore_rng=False, log=print,
+                            metadata_expected={"architecture": cfg.model_type})
         except CheckpointMismatch as err:
             raise CheckpointMismatch(f"{err} (evaluate a checkpoint with the _config.yaml of its run folder)") from None
         _warn_config_differences(state.get("metadata", {}).get("config"), cfg)
+    if args.prompts:
+        if state is not None and stage == "image" and not state.get("prompt_learner_state_dict"):
+            raise UsageError(f"{checkpoint} holds no prompt learner (an image_only run): nothing to retrieve")
+        feats, labels = cache_image_features(model, loaders.train_eval, device, cfg.amp)
+        result = validate_stage1_prompts(model, prompt_learner, feats, labels, max_rank=cfg.max_rank,
+                                         raw_dot=cfg.prompt_logit_mode == "raw_dot")
+        print("image-to-prompt retrieval over the {n} training identities: rank1 {rank1:.2f}  rank5 {rank5:.2f}  "
+              "rank10 {rank10:.2f}  mAP {mAP:.2f}".format(n=data.num_classes, **result))
+        return 0
+    if args.splits or args.flip or args.table:
+        if args.split == "val":
+            raise UsageError("--split val evaluates the validation hold-out; --splits, --flip and --table the test "
+                             "splits")
+        return _eval_splits(args, cfg, model, device, checkpoint, state, available_splits(cfg.data_root))
     selection, test = eval_splits(loaders)
     if args.split == "val" and selection.name != "val":
         raise ConfigError("--split val: this config has no validation split (set val_identities)")
@@ -261,6 +290,106 @@ def cmd_eval(args) -> int:
                           ImageStageSettings.from_config(cfg).feature_spec, max_rank=cfg.max_rank, amp=cfg.amp)
     print("rank1 {rank1:.2f}  rank5 {rank5:.2f}  rank10 {rank10:.2f}  mAP {mAP:.2f}  mINP {mINP:.2f}".format(**result))
     return 0
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """``path``, or in a run folder its BEST (else FINAL) image-stage checkpoint."""
+    if not path.is_dir():
+        return path
+    for tag in ("BEST", "FINAL"):
+        found = sorted(path.glob(f"*_image_{tag}.pth"))
+        if found:
+            return found[0]
+    raise UsageError(f"{path} holds no *_image_BEST.pth or *_image_FINAL.pth checkpoint")
+
+
+def _run_config(checkpoint: Path | None) -> str:
+    """The ``_config.yaml`` beside a checkpoint (its run folder's)."""
+    found = sorted(checkpoint.parent.glob("*_config.yaml")) if checkpoint else []
+    if len(found) != 1:
+        raise UsageError("no config: give CONFIG (or --config), or a checkpoint in its run folder, which holds "
+                         "its _config.yaml")
+    return str(found[0])
+
+
+def _parse_splits(text: str, available: list[int]) -> list[int]:
+    if text in (None, "", "all"):
+        return available if text == "all" else available[:1]
+    try:
+        splits = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--splits {text!r}: expected all or numbers such as 0,3,5") from None
+    missing = sorted(set(splits) - set(available))
+    if missing or not splits:
+        raise UsageError(f"--splits: no split {missing[0] if missing else text!r} in this dataset (it has "
+                         f"{', '.join(map(str, available))})")
+    return list(dict.fromkeys(splits))
+
+
+def _eval_splits(args, cfg, model, device, checkpoint: Path | None, state: dict | None, available: list[int]) -> int:
+    """``workbench eval --splits``: the per-split table, mean +- std, pictures, and MLflow."""
+    import json
+    import time
+
+    from .config import build_filename
+    from .runner import SPLIT_KEYS, evaluate_test_splits
+    from .tracking import MlflowTracker, resolve_tracking_uri
+
+    splits = _parse_splits(args.splits, available) if args.splits else [cfg.split]
+    stem = build_filename(cfg, cfg.epochs_image, "image") + "_eval" + ("_flip" if args.flip else "")
+    out_dir = checkpoint.parent if checkpoint else Path(cfg.output_dir) / f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
+    evaluation = evaluate_test_splits(cfg, model, device, splits, out_dir, stem, flip=args.flip)
+    results, summary = evaluation["results"], evaluation["summary"]
+    header = ["split", *SPLIT_KEYS, "queries"]
+    rows = [[str(split), *(f"{r[k]:.2f}" for k in SPLIT_KEYS), str(r["num_valid_q"])] for split, r in results.items()]
+    rows.append(["mean", *(f"{summary[f'mean_{k}']:.2f}" for k in SPLIT_KEYS), ""])
+    rows.append(["std", *(f"{summary[f'std_{k}']:.2f}" for k in SPLIT_KEYS), ""])
+    print(format_table(header, rows, args.table or "text"))
+    print(f"over {len(splits)} split(s): " + "  ".join(
+        f"{k} {summary[f'mean_{k}']:.2f} +- {summary[f'std_{k}']:.2f}" for k in SPLIT_KEYS))
+
+    run_id = (state or {}).get("metadata", {}).get("run_id")
+    run_file = sorted(checkpoint.parent.glob("*_run.json")) if checkpoint else []
+    if run_id is None and run_file:
+        run_id = json.loads(run_file[0].read_text())["run_id"]
+    if run_id is not None and not tracker.has_run(run_id):  # a checkpoint moved to another store
+        run_id = None
+    tags = {"workbench.role": "eval", "checkpoint": str(checkpoint.resolve()) if checkpoint else "untrained"}
+    with (tracker.attach(run_id) if run_id else tracker.start_run(stem, cfg.experiment, tags=tags)) as logged_to:
+        prefix = "splits_flip_" if args.flip else "splits_"
+        tracker.log_metrics({f"{prefix}{k}": v for k, v in summary.items()}, step=0)
+        for split, r in results.items():
+            tracker.log_metrics({f"{prefix}{k}": r[k] for k in SPLIT_KEYS}, step=split)
+        tracker.log_dataset(f"{cfg.dataset}_{Path(cfg.data_root).name}", str(Path(cfg.data_root).resolve()),
+                            evaluation["digest"], f"test splits {','.join(map(str, splits))}")
+        for path in evaluation["files"]:
+            tracker.log_artifact(path, "eval")
+    print(f"files in {out_dir}; MLflow run {logged_to} at {tracker.tracking_uri}"
+          + (" (the checkpoint's run)" if run_id else " (a new eval run)"))
+    return 0
+
+
+def _cell(value) -> str:
+    """A table cell: numbers with two decimals, missing values empty."""
+    import math
+
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def format_table(header: list[str], rows: list[list[str]], style: str = "text") -> str:
+    """Rows as aligned text, a Markdown table or a LaTeX tabular."""
+    if style == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    if style == "latex":
+        body = [" & ".join(header) + r" \\", r"\midrule"] + [" & ".join(row) + r" \\" for row in rows]
+        return "\n".join([r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule", *body, r"\bottomrule",
+                          r"\end{tabular}"])
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [header, *rows])
 
 
 # Keys that change neither the model nor how it is evaluated.
@@ -287,6 +416,21 @@ def cmd_data_synth(args) -> int:
                               size=(args.height, args.width), test_identities=args.test_identities)
     print(f"wrote a synthetic dataset of {args.identities} train + {args.test_identities or args.identities} test "
           f"identities to {root}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    """``workbench data prepare-11k`` / ``prepare-hd``: the published hand protocol's folders."""
+    from .prepare import format_summary, prepare_11k, prepare_hd
+
+    common = dict(splits=args.splits, seed=args.seed, mode="copy" if args.copy else "link")
+    if args.data_command == "prepare-11k":
+        summaries = prepare_11k(args.src, args.out, aspects=args.aspects, **common)
+    else:
+        summaries = prepare_hd(args.src, args.out, **common)
+    for aspect, rows in summaries.items():
+        print(f"\n{Path(args.out) / aspect}  (seed {args.seed}; summary.csv, manifest.csv and prepare.json inside)")
+        print(format_summary(rows))
     return 0
 
 
@@ -343,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--study", help="only the trials of this study")
     compare.add_argument("--metric", default="best_mAP", help="sort key (default best_mAP)")
     compare.add_argument("--out", help="CSV path (default compare_<study or experiment>.csv)")
+    compare.add_argument("--table", choices=["text", "md", "latex"], help="print a Markdown or LaTeX table")
     compare.add_argument("--tracking-uri")
     compare.set_defaults(func=cmd_compare)
 
@@ -360,12 +505,20 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui)
 
     ev = sub.add_parser("eval", help="rank-k and mAP of a checkpoint (or of the untrained model)",
-                        description="Evaluate on the config's query/gallery; without --checkpoint, the model as "
-                                    "built from the config's weights.")
-    ev.add_argument("config")
-    ev.add_argument("--checkpoint", help="a BEST or FINAL image-stage .pth file")
+                        description="Evaluate on the config's query/gallery; with --splits, on several test "
+                                    "splits with their mean and standard deviation, pictures and MLflow; without "
+                                    "--checkpoint, the model as built from the config's weights.")
+    ev.add_argument("config", nargs="?", help="experiment YAML (default: the _config.yaml of the checkpoint's run)")
+    ev.add_argument("--config", dest="config_option", metavar="CONFIG", help="the same as CONFIG")
+    ev.add_argument("--checkpoint", help="a BEST or FINAL image-stage .pth file, or a run folder (its BEST)")
     ev.add_argument("--split", choices=["test", "val"], default="test",
                     help="the test query/gallery (default) or the validation hold-out")
+    ev.add_argument("--splits", help="test splits to evaluate: all, or numbers such as 0,3,5 (prepared datasets)")
+    ev.add_argument("--flip", action="store_true", help="average each image's features with its mirror image's")
+    ev.add_argument("--table", choices=["text", "md", "latex"], help="how to print the split table")
+    ev.add_argument("--prompts", action="store_true",
+                    help="image-to-prompt retrieval over the training identities instead of ReID")
+    ev.add_argument("--tracking-uri", help="where --splits logs (default: as workbench run)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=cmd_eval)
 
@@ -381,7 +534,27 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--width", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
-    for command in [run, resume, tune, compare, ui, ev, synth]:
+    prepares = []
+    for name, what, src_help in (
+            ("prepare-11k", "11k Hands", "the download: the folder holding Hands/ and HandInfo.csv"),
+            ("prepare-hd", "HD (PolyU hand dorsal)", "the download's 'Original Images' folder (1-501/, 502-712/)")):
+        prepare = data_sub.add_parser(name, help=f"write the {what} protocol's train/val/query<i>/gallery<i> folders",
+                                      description=f"Prepare {what} as the published hand protocol: identities split "
+                                                  f"in halves, a validation image per training identity, N seeded "
+                                                  f"query/gallery splits. See README 'Real data'.")
+        prepare.add_argument("--src", required=True, help=src_help)
+        prepare.add_argument("--out", required=True, help="folder that receives one sub-folder per aspect")
+        if name == "prepare-11k":
+            prepare.add_argument("--aspects", default="dorsal_r,dorsal_l,palmar_r,palmar_l",
+                                 help="comma-separated: dorsal_r, dorsal_l, palmar_r, palmar_l (default: all)")
+        prepare.add_argument("--splits", type=int, default=10, help="query/gallery splits (default 10)")
+        prepare.add_argument("--seed", type=int, default=0, help="seed of the validation and split draws")
+        how = prepare.add_mutually_exclusive_group()
+        how.add_argument("--link", action="store_true", help="hard-link the images (default; copies across devices)")
+        how.add_argument("--copy", action="store_true", help="copy the images")
+        prepare.set_defaults(func=cmd_data_prepare)
+        prepares.append(prepare)
+    for command in [run, resume, tune, compare, ui, ev, synth, *prepares]:
         command.add_argument("--debug", action="store_true",
                              help="show the traceback of an error (also WORKBENCH_DEBUG=1)")
     return parser

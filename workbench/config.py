@@ -36,6 +36,7 @@ CHOICES = {
     "lr_schedule": ("cosine", "multistep"),
     "select_metric": ("rank1", "mAP"),
     "eval_neck_feat": ("before", "after"),
+    "dataset_format": ("auto", "folders", "market1501"),
 }
 LOSS_NAMES = ("id", "triplet", "center", "i2t", "t2i")
 # Names the original research configs used for the same losses.
@@ -59,7 +60,7 @@ _SPEC_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "
 # scored on different held-out identities, or by different metrics, are not comparable).
 _UNTUNABLE = {"tune", "experiment", "output_dir", "tracking_uri", "data_root", "device", "seed", "val_identities",
               "val_seed", "select_metric", "synthesize_if_missing", "synth_identities", "synth_test_identities",
-              "synth_images_per_identity"}
+              "synth_images_per_identity", "split", "dataset_format"}
 
 
 def _check_search_dimension(name: str, spec) -> None:
@@ -175,7 +176,11 @@ class Config:
     dataset: str = "11k"
     """Dataset name used in file names and tags."""
     data_root: str = "data/11k_dorsal_r"
-    """Folder with train/, query/ and gallery/, each holding one folder per identity."""
+    """Dataset folder: train/, query/, gallery/ (or prepared query<i>/gallery<i>) of identity folders, or a Market-1501 folder."""
+    dataset_format: str = "auto"
+    """folders (train/query/gallery of identity folders), market1501 (bounding_box_train/test, query), or auto (detect)."""
+    split: int = 0
+    """Which prepared query<i>/gallery<i> pair a run tests on (plain query/gallery folders are split 0)."""
     synthesize_if_missing: bool = False
     """Generate the synthetic identity dataset into data_root when it does not exist."""
     synth_identities: int = 60
@@ -392,6 +397,8 @@ class Config:
                 bad("lr_steps", f"must increase within 1..epochs_image ({self.epochs_image}), got {self.lr_steps}")
         if self.val_identities < 0 or (self.val_identities >= 1 and not float(self.val_identities).is_integer()):
             bad("val_identities", f"must be 0, a fraction below 1 or a whole count, got {self.val_identities}")
+        if self.split < 0:
+            bad("split", f"must be >= 0, got {self.split}")
         if "t2i" in self.losses and self.i2t_mode == "all_classes":
             bad("i2t_mode", "all_classes has no t2i term (as the official stage 2); remove t2i from loss_list")
         if self.i2t_mode == "all_classes" and "i2t" in self.losses and \

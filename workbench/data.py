@@ -104,8 +104,85 @@ def scan_split(folder: Path) -> list[Record]:
     return records
 
 
-def load_reid_dataset(root: str | Path, val_identities: float = 0, val_seed: int = 0) -> ReIDData:
+MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # 0002_c1s1_000451_03.jpg: pid 2, camera 1
+
+
+def detect_format(root: Path) -> str:
+    """``market1501`` when ``root`` holds bounding_box_train/, else ``folders``."""
+    return "market1501" if (root / "bounding_box_train").is_dir() else "folders"
+
+
+def scan_market_split(folder: Path, role: str) -> list[Record]:
+    """Records of a Market-1501 folder (``pppp_cXsY_...jpg``), as torchreid reads it: junk images
+    (pid -1) dropped, distractors (pid 0000) kept; they match no query."""
+    if not folder.is_dir():
+        raise DataError(f"Market-1501 folder not found: {folder}")
+    records = []
+    for image in sorted(folder.iterdir()):
+        if image.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        match = MARKET_NAME.match(image.name)
+        if match is None:
+            raise DataError(f"{image}: not a Market-1501 file name (expected pppp_cX..., e.g. 0002_c1s1_000451_03.jpg)")
+        pid, camera = int(match.group(1)), int(match.group(2))
+        if pid == -1 or (pid == 0 and role != "gallery"):
+            continue
+        records.append(Record(str(image), f"{pid:04d}", camera))
+    if not records:
+        raise DataError(f"no images found in {folder}")
+    return records
+
+
+def split_folders(root: Path, split: int) -> tuple[Path, Path]:
+    """The query and gallery folders of test split ``split``: prepared trees have query<i>/gallery<i>;
+    a plain query/ and gallery/ pair is split 0."""
+    numbered = (root / f"query{split}", root / f"gallery{split}")
+    if numbered[0].is_dir() or numbered[1].is_dir():
+        return numbered
+    if split == 0:
+        return root / "query", root / "gallery"
+    found = available_splits(root)
+    raise DataError(f"split: {root} has no query{split}/gallery{split} " + (
+        f"(prepared splits: {found[0]}..{found[-1]})" if (root / f"query{found[0]}").is_dir()
+        else "(it has one test split: use split 0)"))
+
+
+def records_digest(records: Sequence[Record], root: str | Path) -> str:
+    """A short digest of a set of images (paths relative to ``root``, identities and file sizes):
+    equal digests, equal data."""
+    import hashlib
+
+    root = Path(root)
+    lines = sorted(f"{Path(r.path).relative_to(root)}\t{r.pid}\t{Path(r.path).stat().st_size}" for r in records)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+
+def available_splits(root: str | Path) -> list[int]:
+    """The test splits of a dataset folder: 0..N-1 for prepared query<i>/gallery<i> folders, [0]
+    for a single query/gallery pair or a Market-1501 folder."""
+    root = Path(root)
+    numbered = sorted(int(p.name[5:]) for p in root.glob("query*") if p.name[5:].isdigit() and p.is_dir())
+    return numbered or [0]
+
+
+def load_test_split(root: str | Path, split: int, layout: str = "auto") -> tuple[list[Record], list[Record]]:
+    """(query, gallery) records of test split ``split``."""
+    root = Path(root)
+    if (detect_format(root) if layout == "auto" else layout) == "market1501":
+        if split != 0:
+            raise DataError(f"split: a Market-1501 folder has one test split (0), not {split}")
+        return scan_market_split(root / "query", "query"), scan_market_split(root / "bounding_box_test", "gallery")
+    query_dir, gallery_dir = split_folders(root, split)
+    return scan_split(query_dir), scan_split(gallery_dir)
+
+
+def load_reid_dataset(root: str | Path, val_identities: float = 0, val_seed: int = 0, split: int = 0,
+                      layout: str = "auto") -> ReIDData:
     """Scan ``root/{train,query,gallery}`` (and the validation source) and return a ``ReIDData``.
+
+    ``layout`` ``folders``: one folder per identity under train/, query/ and gallery/ (or the
+    prepared query<i>/gallery<i> of test split ``split``); ``market1501``: the Market-1501 folders
+    bounding_box_train/, query/ and bounding_box_test/; ``auto`` detects which.
 
     ``val_identities > 0`` holds out training identities for validation: that many when >= 1,
     that fraction of them when < 1. Each held-out identity gives one image to ``val_gallery`` and
@@ -115,7 +192,9 @@ def load_reid_dataset(root: str | Path, val_identities: float = 0, val_seed: int
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    train, query, gallery = (scan_split(root / split) for split in ("train", "query", "gallery"))
+    market = (detect_format(root) if layout == "auto" else layout) == "market1501"
+    train = scan_market_split(root / "bounding_box_train", "train") if market else scan_split(root / "train")
+    query, gallery = load_test_split(root, split, layout)
     val_query: list[Record] = []
     val_gallery: list[Record] = []
     val_source = "none"
@@ -128,7 +207,7 @@ def load_reid_dataset(root: str | Path, val_identities: float = 0, val_seed: int
         val_query, val_gallery = _one_gallery_image_per_identity(held_records, val_seed)
         val_source = "holdout"
     elif (root / "val").is_dir():
-        val_query, val_gallery = _load_val_folder(root / "val", val_seed)
+        val_query, val_gallery = _load_val_folder(root / "val", val_seed, train)
         val_source = "folder"
     if val_source != "none" and not {r.pid for r in val_query} & {r.pid for r in val_gallery}:
         raise DataError(f"validation ({val_source}) has no query identity with a gallery image; nothing to "
@@ -177,11 +256,19 @@ def _one_gallery_image_per_identity(records: Sequence[Record], seed: int) -> tup
     return query, gallery
 
 
-def _load_val_folder(folder: Path, seed: int) -> tuple[list[Record], list[Record]]:
-    """``val/{query,gallery}/<pid>/`` as is, or ``val/<pid>/`` split one gallery image per identity."""
+def _load_val_folder(folder: Path, seed: int, train: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    """``val/{query,gallery}/<pid>/`` as is; ``val/<pid>/`` split one gallery image per identity;
+    or, when every identity in ``val/`` has a single image (the hand protocol's validation set,
+    one image per training identity), those images as queries against the other training images
+    of their identities (closed-set: it measures fit to seen people)."""
     if (folder / "query").is_dir() or (folder / "gallery").is_dir():
         return scan_split(folder / "query"), scan_split(folder / "gallery")
-    return _one_gallery_image_per_identity(scan_split(folder), seed)
+    records = scan_split(folder)
+    if max(Counter(r.pid for r in records).values()) > 1:
+        return _one_gallery_image_per_identity(records, seed)
+    names = {(r.pid, Path(r.path).name) for r in records}
+    pids = {r.pid for r in records}
+    return records, [r for r in train if r.pid in pids and (r.pid, Path(r.path).name) not in names]
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -295,6 +382,14 @@ class Loaders:
     sampler: IdentitySampler
     val_query: DataLoader | None = None  # None without validation; test transforms like query/gallery
     val_gallery: DataLoader | None = None
+
+
+def test_loader(records: Sequence[Record], *, image_size: Sequence[int], batch_size: int, num_workers: int = 0,
+                pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD,
+                pin_memory: bool = False) -> DataLoader:
+    """The images of ``records`` in order, with test transforms (for feature extraction)."""
+    return DataLoader(ImageDataset(records, build_transforms(image_size, False, mean=pixel_mean, std=pixel_std)),
+                      batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int, num_instances: int,

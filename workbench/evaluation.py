@@ -6,6 +6,7 @@ checked against a slow per-query reference in the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,8 +35,9 @@ def reid_metrics(distmat, q_pids, g_pids, q_camids=None, g_camids=None, max_rank
     same camera are removed (only when cameras are given); ties keep the lower gallery index
     first; queries without any positive left are skipped. Returns a dict with ``cmc`` (float
     array of length min(max_rank, gallery size)), ``mAP`` and ``mINP`` (fractions),
-    ``num_valid_q`` and ``num_skipped_q``. pids may be ints or strings; they are compared by
-    value. Raises EvaluationError when no query is valid."""
+    ``num_valid_q``, ``num_skipped_q`` and ``ap`` (each query's average precision, NaN for a
+    skipped one). pids may be ints or strings; they are compared by value. Raises
+    EvaluationError when no query is valid."""
     dist = _to_numpy(distmat).astype(np.float64, copy=False)
     q_pids, g_pids = _to_numpy(q_pids), _to_numpy(g_pids)
     num_q, num_g = dist.shape
@@ -47,7 +49,8 @@ def reid_metrics(distmat, q_pids, g_pids, q_camids=None, g_camids=None, max_rank
     max_rank = min(max_rank, num_g)
 
     cmc_sum = np.zeros(max_rank)
-    ap_sum = inp_sum = 0.0
+    ap_all = np.full(num_q, np.nan)
+    inp_sum = 0.0
     num_valid = 0
     ranks = np.arange(1, num_g + 1)
     for start in range(0, num_q, chunk):  # chunks of queries bound memory, not a per-query loop
@@ -69,14 +72,15 @@ def reid_metrics(distmat, q_pids, g_pids, q_camids=None, g_camids=None, max_rank
         last_hit = np.where(hits, kept_rank, 0).max(1)
         cmc_sum += (first_hit[:, None] <= np.arange(1, max_rank + 1)[None, :]).sum(0)
         precision = np.cumsum(hits, axis=1) / np.where(keep, kept_rank, ranks)
-        ap_sum += ((precision * hits).sum(1) / num_rel).sum()
+        ap_all[np.arange(rows.start, rows.stop)[valid]] = (precision * hits).sum(1) / num_rel
         inp_sum += (num_rel / last_hit).sum()
         num_valid += int(valid.sum())
     if num_valid == 0:
         raise EvaluationError("no query has a matching identity in the gallery (after removing same-camera "
                               "matches); check that query and gallery share identity folder names")
-    return {"cmc": (cmc_sum / num_valid).astype(np.float32), "mAP": ap_sum / num_valid,
-            "mINP": inp_sum / num_valid, "num_valid_q": num_valid, "num_skipped_q": num_q - num_valid}
+    return {"cmc": (cmc_sum / num_valid).astype(np.float32), "mAP": float(np.nansum(ap_all)) / num_valid,
+            "mINP": inp_sum / num_valid, "num_valid_q": num_valid, "num_skipped_q": num_q - num_valid,
+            "ap": ap_all}
 
 
 def cosine_distance(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
@@ -100,21 +104,28 @@ class FeatureSpec:
 
 @torch.no_grad()
 def extract_features(clip_model: nn.Module, loader, device: torch.device, spec: FeatureSpec = FeatureSpec(),
-                     amp: bool = False, normalize: bool = True) -> torch.Tensor:
+                     amp: bool = False, normalize: bool = True, flip: bool = False) -> torch.Tensor:
     """Image features of every item of ``loader`` in order, as ``spec`` says, L2-normalised
-    unless ``normalize`` is off (the prompt stage's raw features). Returns a float32 CPU tensor."""
+    unless ``normalize`` is off (the prompt stage's raw features); with ``flip``, the mean of the
+    features of each image and its mirror image. Returns a float32 CPU tensor."""
     was_training = clip_model.training
     clip_model.eval()
     feats = []
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-    for batch in loader:
-        images = batch[0].to(device, non_blocking=True)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
         with autocast:
             parts = image_features_for_head(clip_model, images, spec.pre_proj, spec.normalized)
             if spec.neck == "after":
                 parts = [bottleneck(f) for (bottleneck, _), f in zip(head_branches(clip_model), parts)]
-            f = torch.cat([p.float() for p in parts], dim=1)
-            feats.append(F.normalize(f, dim=1) if normalize else f)
+            return torch.cat([p.float() for p in parts], dim=1)
+
+    for batch in loader:
+        images = batch[0].to(device, non_blocking=True)
+        f = features(images)
+        if flip:
+            f = (f + features(torch.flip(images, dims=[3]))) / 2
+        feats.append(F.normalize(f, dim=1) if normalize else f)
     clip_model.train(was_training)
     return torch.cat(feats).cpu()
 
@@ -176,3 +187,69 @@ def validate_stage1_prompts(clip_model: nn.Module, prompt_learner, image_feats: 
     if log is not None:
         log("prompt retrieval: rank1 {rank1:.2f}  mAP {mAP:.2f}".format(**result))
     return result
+
+
+def _image_key(record) -> tuple:
+    """The same image in two splits of a prepared tree (a link or copy under query<i>/gallery<j>):
+    same identity, file name and size."""
+    path = Path(record.path)
+    return record.pid, path.name, path.stat().st_size
+
+
+@torch.no_grad()
+def evaluate_splits(clip_model: nn.Module, splits: dict[int, tuple[list, list]], loader_for: Callable,
+                    device: torch.device, spec: FeatureSpec = FeatureSpec(), amp: bool = False, flip: bool = False,
+                    max_rank: int = 50, ranked_split: int | None = None, top: int = 10) -> dict[int, dict]:
+    """ReID metrics of several test splits (query and gallery records), each image's features
+    extracted once however many splits hold it. ``loader_for(records)`` gives a test loader.
+
+    Returns {split: metrics in percent (rank1/5/10, mAP, mINP, num_valid_q) plus ``cmc`` (percent,
+    ranks 1..max_rank) and ``ap`` (per query, percent)}; for ``ranked_split`` also ``ranked``:
+    each query's top ``top`` gallery items (indices, distances, whether each is a true match),
+    with same-identity same-camera items removed as the metrics remove them."""
+    index: dict[tuple, int] = {}
+    images = []
+    for query, gallery in splits.values():
+        for record in [*query, *gallery]:
+            key = _image_key(record)
+            if key not in index:
+                index[key] = len(images)
+                images.append(record)
+    feats = extract_features(clip_model, loader_for(images), device, spec, amp, flip=flip)
+    results = {}
+    for split, (query, gallery) in splits.items():
+        qf = feats[[index[_image_key(r)] for r in query]]
+        gf = feats[[index[_image_key(r)] for r in gallery]]
+        dist = cosine_distance(qf, gf).numpy()
+        q_pids, g_pids = np.asarray([r.pid for r in query]), np.asarray([r.pid for r in gallery])
+        cams = all(r.camid >= 0 for r in [*query, *gallery])
+        q_cams = np.asarray([r.camid for r in query]) if cams else None
+        g_cams = np.asarray([r.camid for r in gallery]) if cams else None
+        metrics = reid_metrics(dist, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
+        results[split] = _percent(metrics) | {"cmc": metrics["cmc"] * 100.0, "ap": metrics["ap"] * 100.0}
+        if split == ranked_split:
+            results[split]["ranked"] = top_matches(dist, q_pids, g_pids, q_cams, g_cams, top)
+    return results
+
+
+def top_matches(dist: np.ndarray, q_pids, g_pids, q_camids=None, g_camids=None, top: int = 10) -> list[dict]:
+    """Per query: the ``top`` closest gallery items (``index``, ``distance``, ``match``) after
+    removing same-identity same-camera items, as the metrics do."""
+    ranked = []
+    for i in range(dist.shape[0]):
+        order = np.argsort(dist[i], kind="stable")
+        if q_camids is not None:
+            order = order[~((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i]))]
+        order = order[:top]
+        ranked.append({"index": order, "distance": dist[i, order], "match": g_pids[order] == q_pids[i]})
+    return ranked
+
+
+def mean_and_std(results: dict[int, dict], keys: Sequence[str] = ("rank1", "rank5", "rank10", "mAP", "mINP")) -> dict:
+    """``mean_<key>`` and ``std_<key>`` over splits (sample standard deviation, ddof=1; 0 for one split)."""
+    summary = {}
+    for key in keys:
+        values = np.asarray([r[key] for r in results.values()], dtype=np.float64)
+        summary[f"mean_{key}"] = float(values.mean())
+        summary[f"std_{key}"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return summary

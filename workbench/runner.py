@@ -23,7 +23,10 @@ import torch
 from . import config as config_module
 from .config import Config, build_filename
 from .errors import TrackingError, UsageError, os_error_message
-from .data import ReIDData, build_loaders, load_reid_dataset, synthesize_dataset
+from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, records_digest, synthesize_dataset,
+                   test_loader)
+from .evaluation import evaluate_splits, mean_and_std
+from .pictures import pick_queries, plot_cmc, plot_ranked_lists
 from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from .heads import register_bnneck_and_arcface
 from .model import PromptLearner, load_clip_with_patch, resolve_model_name
@@ -240,7 +243,8 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
         if new_run:
             tracker.log_params(run_params(cfg))
             tracker.log_artifact(config_path)
-        result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache, resume=resume)
+        result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache, resume=resume,
+                             run_id=run_id)
         result.update(run_id=run_id, run_dir=str(run_dir))
         tracker.log_metrics({k: result[k] for k in END_KEYS if result.get(k) is not None}, step=0)
         for name, keys in ((f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_prompt.png", PROMPT_KEYS),
@@ -296,8 +300,59 @@ def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callab
 def load_data(cfg: Config) -> ReIDData:
     """The dataset of ``cfg`` with its validation hold-out (``val_identities``, seeded by
     ``val_seed`` or ``seed``) or its ``val/`` folder."""
-    return load_reid_dataset(cfg.data_root, val_identities=cfg.val_identities,
+    return load_reid_dataset(cfg.data_root, split=cfg.split, layout=cfg.dataset_format,
+                             val_identities=cfg.val_identities,
                              val_seed=cfg.seed if cfg.val_seed is None else cfg.val_seed)
+
+
+SPLIT_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+def evaluate_test_splits(cfg: Config, clip_model, device: torch.device, splits: list[int], out_dir: Path,
+                         stem: str, flip: bool = False) -> dict:
+    """Evaluate the model on the test splits ``splits`` of ``cfg.data_root`` (each image's
+    features once), and write next to ``out_dir/<stem>``: the per-split table (CSV), the CMC
+    curves (one per split and the mean) and the ranked lists of split ``splits[0]``.
+
+    Returns ``results`` ({split: metrics}), ``summary`` (``mean_*``/``std_*``), ``files`` and the
+    test images' ``digest``."""
+    root = Path(cfg.data_root)
+    records = {split: load_test_split(root, split, cfg.dataset_format) for split in splits}
+
+    def loader_for(items):
+        return test_loader(items, image_size=cfg.image_size, batch_size=cfg.test_batch_size,
+                           num_workers=cfg.num_workers, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+                           pin_memory=device.type == "cuda")
+
+    spec = ImageStageSettings.from_config(cfg).feature_spec
+    results = evaluate_splits(clip_model, records, loader_for, device, spec, amp=cfg.amp, flip=flip,
+                              max_rank=cfg.max_rank, ranked_split=splits[0])
+    summary = mean_and_std(results, SPLIT_KEYS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / f"{stem}_splits.csv"
+    rows = [f"{split},{','.join(f'{r[k]:.4f}' for k in SPLIT_KEYS)},{r['num_valid_q']}" for split, r in results.items()]
+    atomic_write_text(table, "\n".join([f"split,{','.join(SPLIT_KEYS)},num_valid_q", *rows]) + "\n")
+    title = f"{stem}{' (flip)' if flip else ''}"
+    cmc = plot_cmc({f"split {split}": r["cmc"] for split, r in results.items()}, out_dir / f"{stem}_cmc.png", title)
+    first = results[splits[0]]
+    query, gallery = records[splits[0]]
+    ranked = plot_ranked_lists(query, gallery, first["ranked"], first["ap"], pick_queries(first["ap"], seed=cfg.seed),
+                               out_dir / f"{stem}_ranked_split{splits[0]}.png",
+                               f"{title}: split {splits[0]}, the worst queries (lowest AP) then random ones")
+    digest = records_digest([r for q, g in records.values() for r in [*q, *g]], root)
+    return {"results": results, "summary": summary, "files": [table, cmc, ranked], "digest": digest}
+
+
+def log_datasets(tracker: Tracker, cfg: Config, data: ReIDData) -> None:
+    """The run's training, validation and test images as MLflow dataset inputs, so that runs on
+    the same data (and split) can be found by its digest."""
+    name = f"{cfg.dataset}_{Path(cfg.data_root).name}"
+    parts = {"train": data.train, "validation": data.val_query + data.val_gallery,
+             f"test split {cfg.split}": data.query + data.gallery}
+    for context, records in parts.items():
+        if records:
+            tracker.log_dataset(name, str(Path(cfg.data_root).resolve()), records_digest(records, cfg.data_root),
+                                context)
 
 
 def summary_line(result: dict) -> str:
@@ -313,7 +368,7 @@ def summary_line(result: dict) -> str:
 
 
 def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem: str, written: list[Path],
-                feature_cache: FeatureCache | None, resume: bool = False) -> dict:
+                feature_cache: FeatureCache | None, resume: bool = False, run_id: str | None = None) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
@@ -345,6 +400,7 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     if unmatched:
         log(f"warning: {len(unmatched)} query identities have no gallery image and are skipped: "
             f"{', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}")
+    log_datasets(tracker, cfg, data)
     tracker.log_metrics({"num_classes": data.num_classes, "num_train": len(data.train),
                          "num_query": len(data.query), "num_gallery": len(data.gallery),
                          "num_unmatched_query_ids": len(unmatched), "num_val_query": len(data.val_query),
@@ -354,7 +410,7 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
         f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_learner.prompt_text}', device {device}")
     metadata = {"architecture": cfg.model_type, "feat_dim": feat_dim, "num_classes": data.num_classes,
                 "classnames": data.classnames, "config": cfg.to_dict(), "config_hash": cfg.hash(),
-                "stage_mode": cfg.stage_mode}
+                "stage_mode": cfg.stage_mode, "run_id": run_id}
 
     result: dict = {"best_rank1": None, "best_mAP": None, "best_epoch": None,
                     "prompt_stage_seconds": None, "image_stage_seconds": None}

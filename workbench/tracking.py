@@ -45,6 +45,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_dataset(self, name: str, source: str, digest: str, context: str) -> None: ...
     def flush(self) -> None: ...
 
 
@@ -73,6 +74,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
         pass
 
     def flush(self) -> None:
@@ -124,6 +128,9 @@ class RecordingTracker(NullTracker):
     def set_tags(self, tags):
         self.calls.append(("set_tags", dict(tags)))
         self.tags.update(tags)
+
+    def log_dataset(self, name, source, digest, context):
+        self.calls.append(("log_dataset", (name, source, digest, context)))
 
 
 class MlflowTracker(NullTracker):
@@ -213,6 +220,27 @@ class MlflowTracker(NullTracker):
                     raise TrackingError(message)
                 print(f"warning: {message}", file=sys.stderr)
 
+    def has_run(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except Exception:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def attach(self, run_id: str) -> Iterator[str]:
+        """Log into an existing run (a finished training run that ``workbench eval`` adds to)
+        without changing its status."""
+        self._run_stack.append(run_id)
+        try:
+            yield run_id
+        finally:
+            self._next_retry = 0.0
+            self.flush()
+            self._run_stack.pop()
+        if self.delivery_error is not None:
+            raise TrackingError(f"cannot log to run {run_id} at {self.tracking_uri}: {self.delivery_error}")
+
     def _report_undelivered(self, run_id: str, spool_dir: Path | None) -> str:
         """Write the metrics that never reached the store to a CSV; the message saying so."""
         message = f"the tracking store {self.tracking_uri} stopped answering ({self.delivery_error})"
@@ -273,6 +301,25 @@ class MlflowTracker(NullTracker):
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[_tag(k, v) for k, v in tags.items()])
+
+    def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
+        """The data as an MLflow dataset input (the runs table's Dataset column): ``source`` is
+        its folder, ``digest`` identifies its file list, ``context`` its role (train, val, test)."""
+        log_dataset_to(self.client, self.run_id, name, source, digest, context)
+
+
+def log_dataset_to(client, run_id: str, name: str, source: str, digest: str, context: str) -> None:
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder either way
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest)
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                            tags=[InputTag("mlflow.data.context", context)])])
 
 
 HEARTBEAT_TAG = "workbench.heartbeat"  # unix time of the run's latest flush
@@ -446,7 +493,7 @@ def runs_table(tracking_uri: str, experiment: str | None = None, study: str | No
               "params.lr", "params.center_loss_weight", f"metrics.{metric}", "metrics.best_rank1", "metrics.best_mAP",
               "metrics.test_rank1", "metrics.test_mAP", "tags.selection"]
     columns = list(dict.fromkeys(c for c in wanted if c in frame.columns))
-    frame = frame[columns].rename(columns=lambda c: c.split(".", 1)[1] if "." in c else c)
+    frame = frame[columns].rename(columns=lambda c: "run_name" if c == "tags.mlflow.runName" else c.split(".", 1)[-1])
     if metric in frame.columns:
         frame = frame.sort_values(metric, ascending=False, na_position="last")
     return frame.reset_index(drop=True)
