@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from PIL import Image
+
+from workbench.errors import UsageError
 
 from workbench.data import (CLIP_MEAN, CLIP_STD, DataError, IdentitySampler, ImageDataset, build_loaders, build_transforms,
                             camera_of, load_reid_dataset, synthesize_dataset)
@@ -29,7 +30,7 @@ def test_synthetic_is_deterministic(tmp_path):
     assert files == sorted(p.relative_to(b) for p in b.rglob("*.png")) and len(files) == 2 * 2 + 2 * (2 + 2)
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes()
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(UsageError, match="already exists"):
         synthesize_dataset(tmp_path / "a", 2, 2, seed=3, size=(32, 16))
 
 

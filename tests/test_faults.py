@@ -40,19 +40,20 @@ def runs_of(uri, experiment="quickstart"):
 
 
 # ---------------------------------------------------------------- the tracking store
-@pytest.mark.parametrize("uri, expected", [
-    ("bogus://nowhere", "unsupported URI 'bogus://nowhere'"),
-    ("file:///{tmp}/mlruns", "MLflow 3 no longer writes a file store"),
-    ("sqlite:///{tmp}/a_file/mlflow.db", "File exists"),
-    ("http://127.0.0.1:{port}", "Connection refused"),
+@pytest.mark.parametrize("uri, expected, status", [
+    ("bogus://nowhere", "unknown scheme bogus://", 2),  # the URI given is wrong: exit 2
+    ("file:///{tmp}/mlruns", "MLflow 3 no longer writes a file store", 2),
+    ("sqlite:///{tmp}/a_file/mlflow.db", "a_file is a file where a folder is needed", 2),
+    ("http://127.0.0.1:{port}", "Connection refused", 1),  # a server that is down: a fault, exit 1
 ])
-def test_a_tracking_store_that_cannot_be_used_stops_before_training(tiny_config, tmp_path, capsys, uri, expected):
+def test_a_tracking_store_that_cannot_be_used_stops_before_training(tiny_config, tmp_path, capsys, uri, expected,
+                                                                    status):
     (tmp_path / "a_file").write_text("")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = uri.format(tmp=tmp_path, port=port)
-    assert main(["run", write_config(tiny_config, tmp_path), "--tracking-uri", uri]) == 1
+    assert main(["run", write_config(tiny_config, tmp_path), "--tracking-uri", uri]) == status
     line = one_error_line(capsys)
     assert line.startswith(f"tracking store {uri}: ") and expected in line, line
     assert not Path(tiny_config.output_dir).exists()  # no run folder left behind
@@ -231,7 +232,7 @@ def test_resume_after_sigkill_closes_the_stale_run_and_continues_it(tiny_config,
     assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 0
     assert "marked 1 stale RUNNING run(s)" in capsys.readouterr().err
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and "workbench.stale" in run.data.tags
+    assert run.info.status == "FINISHED" and "workbench.stale" not in run.data.tags  # alive again, tag gone
     client.update_run(run_id, status="RUNNING")  # as if another process were resuming it right now
     client.set_tag(run_id, "workbench.pid", str(os.getpid()))
     assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 2
@@ -278,17 +279,21 @@ def test_eval_names_what_a_wrong_checkpoint_file_is(tiny_config, tmp_path, capsy
 
 
 # ---------------------------------------------------------------- the error family and small commands
-def test_debug_shows_the_traceback(tiny_config, tmp_path, capsys, monkeypatch):
-    from workbench.errors import ConfigError
-
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(tiny_config, tmp_path, capsys, monkeypatch):
     cfg_path = write_config(tiny_config, tmp_path)
-    with pytest.raises(ConfigError, match="did you mean"):
-        main(["run", cfg_path, "--set", "epochs_imag=3", "--debug"])
+    for args in (["run", cfg_path, "--set", "epochs_imag=3", "--debug"], ["--debug", "run", cfg_path, "--set",
+                                                                          "epochs_imag=3"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "did you mean epochs_image" in err.splitlines()[-1]
+    assert main(["data", "--debug", "synth", "--out", str(tmp_path / "d"), "--height", "0"]) == 2
+    assert "Traceback" in capsys.readouterr().err
     monkeypatch.setenv("WORKBENCH_DEBUG", "1")
-    with pytest.raises(ConfigError):
-        main(["run", cfg_path, "--set", "epochs_imag=3"])
+    assert main(["run", cfg_path, "--set", "epochs_imag=3"]) == 2
+    assert "Traceback" in capsys.readouterr().err
     monkeypatch.setenv("WORKBENCH_DEBUG", "0")
     assert main(["run", cfg_path, "--set", "epochs_imag=3"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_every_error_class_belongs_to_the_family():
@@ -298,7 +303,7 @@ def test_every_error_class_belongs_to_the_family():
                and issubclass(cls, Exception)}
     assert all(issubclass(cls, errors.WorkbenchError) for cls in classes.values())
     assert {name for name, cls in classes.items() if cls.exit_code == 2} == {"UsageError", "ConfigError",
-                                                                            "CheckpointError"}
+                                                                            "CheckpointError", "TrackingUriError"}
     for path in PACKAGE.glob("*.py"):  # errors are defined in errors.py only
         if path.name != "errors.py":
             defined = [node.name for node in ast.walk(ast.parse(path.read_text()))
@@ -311,7 +316,7 @@ def test_every_error_class_belongs_to_the_family():
     (["--identities", "1"], "at least 2 identities"),
 ])
 def test_data_synth_refuses_bad_sizes_at_once(tmp_path, capsys, args, expected):
-    assert main(["data", "synth", "--out", str(tmp_path / "d")] + args) == 1
+    assert main(["data", "synth", "--out", str(tmp_path / "d")] + args) == 2
     assert expected in one_error_line(capsys)
     assert not list(tmp_path.iterdir())
 
@@ -322,9 +327,9 @@ def test_data_synth_refuses_an_existing_folder_before_rendering(tmp_path, capsys
     (tmp_path / "d").mkdir()
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(data, "render_hand", lambda *a: pytest.fail("rendered before refusing"))
-    assert main(["data", "synth", "--out", str(tmp_path / "d")]) == 1
+    assert main(["data", "synth", "--out", str(tmp_path / "d")]) == 2
     assert "already exists" in one_error_line(capsys)
-    assert main(["data", "synth", "--out", str(tmp_path / "file" / "d")]) == 1
+    assert main(["data", "synth", "--out", str(tmp_path / "file" / "d")]) == 2
     assert f"{tmp_path / 'file'} is a file" in one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "file"]  # no .partial
 
@@ -396,8 +401,14 @@ def test_compare_takes_any_study_name(tmp_path, capsys):
         client.set_terminated(run)
     assert main(["compare", "--study", "it's", "--tracking-uri", uri, "--out", str(tmp_path / "c.csv")]) == 0
     assert "saved 1 runs" in capsys.readouterr().out
-    assert main(["compare", "--tracking-uri", "bogus://x"]) == 1
+    assert main(["compare", "--tracking-uri", "bogus://x"]) == 2
     assert one_error_line(capsys).startswith("tracking store bogus://x: ")
+    missing = tmp_path / "typo.db"  # a read-only command never creates a store
+    assert main(["compare", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert "no such database file" in one_error_line(capsys) and not missing.exists()
+    for out in (tmp_path, tmp_path / "nowhere" / "c.csv"):
+        assert main(["compare", "--tracking-uri", uri, "--out", str(out)]) == 2
+        assert one_error_line(capsys).startswith(f"--out {out}: ")
 
 
 def test_output_dir_that_cannot_be_written_is_one_line(tiny_config, tmp_path, capsys, monkeypatch):
@@ -461,3 +472,57 @@ def test_a_real_tracking_server_going_away_and_coming_back(tiny_config, tmp_path
         for server in servers:
             if server.poll() is None:
                 stop_server(server)
+
+
+def test_resume_looks_before_it_reopens_the_run(tiny_config, tmp_path, capsys):
+    """A torn LAST checkpoint, a store without the run, a tuning trial: refused, the record untouched."""
+    import json
+    import shutil
+
+    uri = f"sqlite:///{tmp_path / 'look.db'}"
+    cfg = config.replace(tiny_config, epochs_image=3)
+
+    def stop(epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(cfg, MlflowTracker(uri), report=stop)
+    (run_dir,) = Path(cfg.output_dir).iterdir()
+    assert "run interrupted; continue it with: workbench resume" in next(run_dir.glob("*.log")).read_text()
+    run_id = json.loads(next(run_dir.glob("*_run.json")).read_text())["run_id"]
+    client = MlflowClient(uri)
+    before = client.get_run(run_id).info
+    torn = tmp_path / "torn"
+    shutil.copytree(run_dir, torn)
+    last = next(torn.glob("*_LAST.pth"))
+    last.write_bytes(last.read_bytes()[:1000])
+    assert main(["resume", str(torn), "--tracking-uri", uri]) == 2
+    assert "is not a readable checkpoint" in one_error_line(capsys)
+    after = client.get_run(run_id).info
+    assert (after.status, after.end_time) == (before.status, before.end_time) == ("KILLED", before.end_time)
+    assert main(["resume", str(run_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}"]) == 2
+    assert f"the MLflow run {run_id} of {run_dir} is not in" in one_error_line(capsys)
+    client.set_tag(run_id, "workbench.role", "trial")
+    client.set_tag(run_id, "study_name", "s")
+    assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 2
+    assert "run workbench tune again" in one_error_line(capsys)
+
+
+def test_files_follow_the_umask(tiny_config, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        result = train_joint(config.replace(tiny_config, epochs_image=1))
+    finally:
+        os.umask(previous)
+    for path in Path(result["run_dir"]).glob("*"):
+        if path.suffix in (".pth", ".yaml", ".json"):
+            assert path.stat().st_mode & 0o777 == 0o644, path.name  # colleagues can read them
+
+
+def test_ui_refuses_bad_ports_and_stores(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["ui", "--port", "99999"])
+    assert stop.value.code == 2 and "a port is 0-65535, got 99999" in capsys.readouterr().err
+    assert main(["ui", "--tracking-uri", "bogus://x", "--port", "0"]) == 2
+    assert one_error_line(capsys).startswith("tracking store bogus://x: unknown scheme")

@@ -10,8 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from workbench import config
 from workbench.cli import main
-from workbench.errors import UsageError
-from workbench.tuning import (INTERRUPTED, WORKER_ENDED, Study, TuneOptions, check_study_name, run_study,
+from workbench import tuning
+from workbench.errors import ResourceError, UsageError
+from workbench.tuning import (FAULT, INTERRUPTED, WORKER_ENDED, Study, TuneOptions, check_study_name, run_study,
                               storage_for, suggest_overrides)
 
 FAST = ["epochs_prompt=1", "epochs_image=2", "save_checkpoints=true"]
@@ -43,6 +44,18 @@ def refused(capsys, argv):
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and err.splitlines()[-1].startswith("workbench: error: "), err
     return status, err.splitlines()[-1]
+
+
+def fake_train_joint(run_dir, error=None):
+    """A train_joint that opens its MLflow run through the trial's tracker and returns at once (or
+    raises ``error`` first): for the bookkeeping around trials, without training."""
+    def train_joint(cfg, tracker, report, *, run_name, parent_run_id, extra_tags, **_):
+        if error is not None:
+            raise error
+        with tracker.start_run(run_name, cfg.experiment, tags=extra_tags, parent_run_id=parent_run_id) as run_id:
+            tracker.log_metrics({"mAP": 50.0}, step=1)
+        return {"best_mAP": 50.0 + cfg.lr, "run_id": run_id, "run_dir": str(run_dir)}
+    return train_joint
 
 
 def study_runs(uri, study_name):
@@ -339,7 +352,7 @@ def test_tune_refuses_bad_arguments_before_anything_starts(tune_config, tmp_path
     for extra, status, words in [(["--n-jobs", "0"], 2, "--n-jobs"), (["--n-jobs", "-2"], 2, "--n-jobs"),
                                  (["--timeout", "-1"], 2, "--timeout"), (["--timeout", "0"], 2, "--timeout"),
                                  (["--study-name", "../../x"], 2, "--study-name"),
-                                 (["--storage", "somefile.txt/study.journal"], 1, "somefile.txt"),
+                                 (["--storage", "somefile.txt/study.journal"], 2, "somefile.txt"),
                                  (["--storage", "sqlite:////nonexistent/dir/x.db"], 1, "cannot open"),
                                  (["--storage", "postgresql://u@localhost/db"], 1, "cannot open")]:
         code, err = refused(capsys, base + extra)
@@ -366,3 +379,132 @@ def test_tune_without_config_lists_the_experiment_files(tmp_path, monkeypatch, c
     (tmp_path / "c.yaml").write_text("tune:\n  sampler: random\n")
     status, err = refused(capsys, ["tune", "--trials", "50"])
     assert status == 2 and "no exp.yaml here" in err and err.endswith(": c.yaml, experiments/a.yaml")
+
+
+def test_sigterm_stops_parallel_trials_promptly(tune_config, tmp_path, monkeypatch, capsys):
+    """--n-jobs 2: SIGTERM reaches the main thread only; the running trials are interrupted at their
+    next logged step (FAIL 'interrupted', MLflow runs KILLED), no new trial starts, exit 143."""
+    import signal
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    argv = ["tune", write_config(tune_config, tmp_path / "par.yaml"), "--trials", "6", "--n-jobs", "2",
+            "--tracking-uri", uri, "--pruner", "none"]
+    original, sent = tuning._TrialTracker.log_metrics, []
+
+    def log_metrics(self, metrics, step):
+        if not sent:  # the first logged step of any trial: SIGTERM to the main thread, as `kill` sends it
+            sent.append(1)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            deadline = time.time() + 10
+            while time.time() < deadline:  # until the main thread has stopped the study: then this raises
+                original(self, {}, step)
+                time.sleep(0.01)
+            raise AssertionError("a logged step did not interrupt the trial")  # its fail_reason says so
+        original(self, metrics, step)
+
+    monkeypatch.setattr(tuning._TrialTracker, "log_metrics", log_metrics)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(argv) == 143
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    trials = journal_study(tmp_path / "studies" / "par.journal", "par").trials
+    assert 1 <= len(trials) <= 2  # the two first trials, not six
+    assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs["fail_reason"] == INTERRUPTED
+               for t in trials), [(t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    client, parents, children = study_runs(uri, "par")
+    assert [p.info.status for p in parents] == ["KILLED"] and len(children) == len(trials)
+    assert all(c.info.status == "KILLED" and c.data.tags["state"] == "FAIL" for c in children)
+    experiment = client.get_experiment_by_name("quickstart").experiment_id
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+
+
+def test_fault_of_the_environment_stops_the_study_and_is_replaced(tune_config, tmp_path, monkeypatch, capsys):
+    """A ResourceError (disk full) is not the trial's fault: the study stops after that trial with
+    the error (exit 1), and the trial does not count: the next run replaces it."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    argv = ["tune", write_config(tune_config, tmp_path / "disk.yaml"), "--trials", "2", "--tracking-uri", uri]
+    monkeypatch.setattr(tuning, "train_joint", fake_train_joint(
+        tmp_path, ResourceError("cannot write x.pth: No space left on device")))
+    status, err = refused(capsys, argv)
+    assert status == 1 and err.endswith("cannot write x.pth: No space left on device")
+    (trial,) = journal_study(tmp_path / "studies" / "disk.journal", "disk").trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == FAULT + "ResourceError: cannot write x.pth: No space left on device"
+    assert [p.info.status for p in study_runs(uri, "disk")[1]] == ["FAILED"]
+
+    monkeypatch.setattr(tuning, "train_joint", fake_train_joint(tmp_path))
+    assert main(argv) == 0
+    assert "2/2 trials: 2 complete, 0 pruned, 0 failed; 1 replaced" in capsys.readouterr().out
+    assert len(journal_study(tmp_path / "studies" / "disk.journal", "disk").trials) == 3
+
+
+def test_failing_bookkeeping_keeps_a_finished_trial(tune_config, tmp_path, monkeypatch, capsys):
+    """The store refusing the outcome tags after a successful run: a warning, the trial COMPLETE."""
+    original = MlflowClient.set_tag
+
+    def set_tag(self, run_id, key, value, *args, **kwargs):
+        if key in ("state", "objective"):
+            raise RuntimeError("store hiccup")
+        return original(self, run_id, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_tag", set_tag)
+    monkeypatch.setattr(tuning, "train_joint", fake_train_joint(tmp_path))
+    options = TuneOptions(trials=1, study_name="tags", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    (trial,) = run_study(tune_config, options, log=lambda _: None, studies_dir=tmp_path / "studies").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(50.0 + tune_config.lr)
+    assert "warning: cannot tag trial 0 COMPLETE in MLflow (store hiccup)" in capsys.readouterr().err
+
+
+def test_any_error_ends_the_parent_run(tune_config, tmp_path, monkeypatch, capsys):
+    """An error after the trials (here the summary) ends the study's parent run FAILED; when the
+    store cannot even do that, the original error still comes through."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setattr(tuning, "train_joint", fake_train_joint(tmp_path))
+    monkeypatch.setattr(Study, "summarise", lambda self: (_ for _ in ()).throw(RuntimeError("summary broke")))
+    options = TuneOptions(trials=1, study_name="end", tracking_uri=uri)
+    with pytest.raises(RuntimeError, match="summary broke"):
+        run_study(tune_config, options, log=lambda _: None, studies_dir=tmp_path / "studies")
+    assert [p.info.status for p in study_runs(uri, "end")[1]] == ["FAILED"]
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("store down")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", refuse)
+    with pytest.raises(RuntimeError, match="summary broke"):
+        run_study(tune_config, options, log=lambda _: None, studies_dir=tmp_path / "studies")
+    assert "(store down)" in capsys.readouterr().err
+
+
+def test_storage_that_is_not_a_journal_is_a_usage_error(tune_config, tmp_path, monkeypatch, capsys):
+    import random
+
+    monkeypatch.chdir(tmp_path)
+    cfg_path = write_config(tune_config, tmp_path / "exp.yaml")
+    (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(4096))
+    (tmp_path / "broken.journal").write_text('{"op_code": 0}\n')  # a journal's first line, not its entry
+    (tmp_path / "folder").mkdir()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    base = ["tune", cfg_path, "--trials", "1", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    for storage, words in [("random.bin", "--storage random.bin: not an Optuna journal file ("),
+                           ("exp.yaml", "--storage exp.yaml: not an Optuna journal file (its first line is not JSON)"),
+                           ("broken.journal", "--storage broken.journal: not an Optuna journal file (KeyError"),
+                           ("folder", "--storage folder is a folder; give a journal file or a database URL"),
+                           ("bogus://x", "--storage bogus://x: unknown scheme bogus://"),
+                           ("http://localhost:5000", "unknown scheme http://")]:
+        code, err = refused(capsys, base + ["--storage", storage])
+        assert code == 2 and words in err, (storage, err)
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "studies").exists()  # no parent run, no study
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # no .lock, unchanged
+
+
+def test_unusable_tracking_store_leaves_no_study(tune_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, err = refused(capsys, ["tune", write_config(tune_config, tmp_path / "exp.yaml"), "--trials", "1",
+                                   "--tracking-uri", "bogus://x"])
+    assert status == 2 and "bogus://x" in err
+    assert not (tmp_path / "studies").exists()

@@ -57,6 +57,10 @@ def trainable_flags(module: nn.Module) -> dict[str, bool]:
     return {name: p.requires_grad for name, p in module.named_parameters()}
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
     """Call ``write(binary_file)`` on a temporary file in ``path``'s folder, fsync it, then rename
     it to ``path``: a crash or a full disk never leaves a torn file under the final name. An
@@ -66,6 +70,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); the final file follows the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -148,6 +153,20 @@ def _load_module(module: nn.Module, state: dict, what: str, log: Callable[[str],
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise CheckpointMismatch(f"{what}: {' '.join(lines[:2])[:400]}") from None
+
+
+def check_readable(path: Path) -> None:
+    """A cheap look at a checkpoint before a resume commits to it: a torch archive whose index is
+    intact (a truncated or foreign file fails here, without reading the weights)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                raise zipfile.BadZipFile("no data.pkl")
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file): "
+                              f"{err}") from None
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import ConfigError, ResourceError, UsageError, WorkbenchError, os_error_message
@@ -84,16 +85,22 @@ def _close_stale_runs(tracker, experiment: str, run_dir: Path | None, by: str) -
 
     from .tracking import mark_stale_runs, stale_reason
 
-    found = tracker.client.get_experiment_by_name(experiment)
-    if found is None:
-        return
     run_files = list(run_dir.glob("*_run.json")) if run_dir is not None else []
     if run_files:
-        run = tracker.client.get_run(json.loads(run_files[0].read_text())["run_id"])
+        run_id = json.loads(run_files[0].read_text())["run_id"]
+        if not tracker.has_run(run_id):
+            raise UsageError(f"the MLflow run {run_id} of {run_dir} is not in {tracker.tracking_uri}; give the "
+                             f"--tracking-uri it was logged to")
+        run = tracker.client.get_run(run_id)
+        if run.data.tags.get("workbench.role") == "trial":
+            raise UsageError(f"{run_dir} is trial {run.data.tags.get('trial_number')} of study "
+                             f"{run.data.tags.get('study_name')}: run workbench tune again, which replaces "
+                             f"interrupted trials")
         if run.info.status == "RUNNING" and stale_reason(run) is None:
             raise UsageError(f"the run in {run_dir} is still running (process {run.data.tags.get('workbench.pid')} "
                              f"on {run.data.tags.get('workbench.host')}); stop it first")
-    marked = mark_stale_runs(tracker.client, [found.experiment_id], by)
+    found = tracker.client.get_experiment_by_name(experiment)
+    marked = mark_stale_runs(tracker.client, [found.experiment_id], by) if found else []
     if marked:
         print(f"marked {len(marked)} stale RUNNING run(s) of experiment {experiment} KILLED (their process ended "
               f"without closing them): {', '.join(marked[:5])}{' ...' if len(marked) > 5 else ''}", file=sys.stderr)
@@ -150,6 +157,10 @@ def cmd_compare(args) -> int:
     from .tracking import resolve_tracking_uri, runs_table
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):  # before the work
+        out = Path(args.out)
+        raise UsageError(f"--out {out}: " + ("is a folder; give a file name" if out.is_dir() else
+                                             f"the folder {out.parent} does not exist"))
     try:
         frame = runs_table(uri, args.experiment, args.study, args.metric)
     except ValueError as err:
@@ -167,7 +178,10 @@ def cmd_compare(args) -> int:
         with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 20):
             print(frame.to_string(index=False))
     out = Path(args.out or f"compare_{args.study or args.experiment or 'all'}.csv")
-    frame.to_csv(out, index=False)
+    try:
+        frame.to_csv(out, index=False)
+    except OSError as err:
+        raise UsageError(os_error_message(err, f"--out {out}")) from None
     print(f"saved {len(frame)} runs to {out}")
     return 0
 
@@ -180,16 +194,16 @@ def cmd_ui(args) -> int:
     import subprocess
     import time
 
-    from .tracking import resolve_tracking_uri
+    from .tracking import MlflowTracker, resolve_tracking_uri
     from .tuning import storage_for
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
+    MlflowTracker(uri)  # a store that cannot be used is one line here, not the server's traceback
     ports = [args.port] + ([args.dashboard_port] if args.study else [])
     for port in ports:
         _check_port_free(args.host, port)
-    # Each server gets its own process group, so that stopping `workbench ui` (Ctrl-C or SIGTERM)
-    # stops its workers too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Each server gets its own process group, so that stopping `workbench ui` (Ctrl-C or SIGTERM,
+    # which main() turns into a KeyboardInterrupt) stops its workers too.
     processes = [subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                    "--host", args.host, "--port", str(args.port)], start_new_session=True)]
     print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning over {uri}",
@@ -203,12 +217,9 @@ def cmd_ui(args) -> int:
             processes.append(subprocess.Popen([dashboard, storage, "--host", args.host,
                                                "--port", str(args.dashboard_port)], start_new_session=True))
             print(f"optuna-dashboard on http://{args.host}:{args.dashboard_port} over {storage}")
-    stopped_by_user = False
     try:
         while all(p.poll() is None for p in processes):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        stopped_by_user = True
     finally:
         for p in processes:
             with contextlib.suppress(ProcessLookupError):
@@ -216,10 +227,21 @@ def cmd_ui(args) -> int:
         for p in processes:
             p.wait(timeout=30)
     ended = next((p for p in processes if p.returncode not in (None, 0, -signal.SIGTERM)), None)
-    if ended is not None and not stopped_by_user:
+    if ended is not None:
         raise ResourceError(f"{Path(ended.args[0]).name} {' '.join(ended.args[1:4])} stopped with exit status "
                             f"{ended.returncode} (its message is above)")
     return 0
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
+    return port
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -495,13 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Start the MLflow UI over the store that run and tune use; with --study, also "
                                     "optuna-dashboard over that study's storage when it is installed.")
     ui.add_argument("--tracking-uri")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--host", default="127.0.0.1",
                     help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
                          "network, with no login)")
     ui.add_argument("--study", help="also open this study in optuna-dashboard")
     ui.add_argument("--storage", help="the study's storage, if not the default studies/<study>.journal")
-    ui.add_argument("--dashboard-port", type=int, default=8080)
+    ui.add_argument("--dashboard-port", type=_port, default=8080)
     ui.set_defaults(func=cmd_ui)
 
     ev = sub.add_parser("eval", help="rank-k and mAP of a checkpoint (or of the untrained model)",
@@ -554,8 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
         how.add_argument("--copy", action="store_true", help="copy the images")
         prepare.set_defaults(func=cmd_data_prepare)
         prepares.append(prepare)
-    for command in [run, resume, tune, compare, ui, ev, synth, *prepares]:
-        command.add_argument("--debug", action="store_true",
+    # --debug anywhere: before the command, after it, or after a data sub-command.
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also WORKBENCH_DEBUG=1)")
+    for command in [run, resume, tune, compare, ui, ev, data, synth, *prepares]:
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error (also WORKBENCH_DEBUG=1)")
     return parser
 
@@ -590,12 +614,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except WorkbenchError as err:
         if _debug(args):
-            raise
+            traceback.print_exc()
         print(f"workbench: error: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
     except OSError as err:
-        if err.errno not in _ENVIRONMENT_ERRNOS or _debug(args):
+        if err.errno not in _ENVIRONMENT_ERRNOS:
             raise
+        if _debug(args):
+            traceback.print_exc()
         print(f"workbench: error: {os_error_message(err, 'the system refused')}", file=sys.stderr)
         return ResourceError.exit_code
 

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from .errors import DataError
+from .errors import DataError, UsageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -526,21 +526,21 @@ def synthesize_dataset(out: str | Path, identities: int = 60, images_per_identit
 
     out = Path(out)
     if identities < 2 or images_per_identity < 2:
-        raise DataError("synthetic data needs at least 2 identities and 2 images per identity")
+        raise UsageError("synthetic data needs at least 2 identities and 2 images per identity")
     if min(size) < 16:
-        raise DataError(f"synthetic images need a height and width of at least 16 pixels, got {size[0]}x{size[1]}")
+        raise UsageError(f"synthetic images need a height and width of at least 16 pixels, got {size[0]}x{size[1]}")
     if out.exists():
-        raise DataError(f"{out} already exists; remove it or choose another folder")
+        raise UsageError(f"{out} already exists; remove it or choose another folder")
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise DataError(f"cannot create {out}: {blocking} is a file")
+        raise UsageError(f"cannot create {out}: {blocking} is a file")
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     rng = np.random.default_rng(seed)
     test_identities = identities if test_identities is None else test_identities
     if test_identities < 1:
-        raise DataError("synthetic data needs at least 1 test identity")
+        raise UsageError("synthetic data needs at least 1 test identity")
     people = [_identity(rng) for _ in range(identities + test_identities)]
     try:
         for number, ident in enumerate(people):

@@ -52,6 +52,10 @@ class TrackingError(WorkbenchError):
     """The MLflow tracking store cannot be reached, opened or written."""
 
 
+class TrackingUriError(UsageError, TrackingError):
+    """The tracking URI given cannot name a store (unknown scheme, a file where a folder is needed)."""
+
+
 class StorageError(WorkbenchError):
     """The Optuna study storage cannot be opened or written."""
 

@@ -27,7 +27,8 @@ from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, 
                    test_loader)
 from .evaluation import evaluate_splits, mean_and_std
 from .pictures import pick_queries, plot_cmc, plot_ranked_lists
-from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
+from .checkpoint import (atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
+                         remove_stale_temporaries)
 from .heads import register_bnneck_and_arcface
 from .model import PromptLearner, load_clip_with_patch, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
@@ -198,6 +199,11 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
         final = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
         if not (cfg.trains_image and last.is_file()) and final.is_file():
             raise UsageError(f"cannot resume: the run in {run_dir} already finished ({final.name} exists)")
+        prompt_final = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")
+        for path in (last, prompt_final):  # what the resume will start from, looked at before the run reopens
+            if path.is_file():
+                check_readable(path)
+                break
     else:
         base = Path(cfg.output_dir) / f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
         run_dir, n = base, 1
@@ -222,14 +228,17 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         result = _tracked_run(cfg, tracker, report, run_dir, stem, run_id, feature_cache, keep_checkpoints,
-                              resume=resume_dir is not None, new_run=previous_run_id is None)
+                              resume=resume_dir is not None, new_run=previous_run_id is None,
+                              hint_resume=(extra_tags or {}).get("workbench.role") != "trial")
     return result
 
 
 def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str, run_id: str,
-                 feature_cache: FeatureCache | None, keep_checkpoints: bool, resume: bool, new_run: bool) -> dict:
+                 feature_cache: FeatureCache | None, keep_checkpoints: bool, resume: bool, new_run: bool,
+                 hint_resume: bool = True) -> dict:
     """The body of ``train_joint`` inside its MLflow run: log file, config, stages, plots,
-    checkpoints; a failure's traceback goes to the log file, its one line to the caller."""
+    checkpoints; a failure's traceback goes to the log file, its one line to the caller. An
+    interruption says how to resume (``hint_resume``; a tuning trial is replaced instead)."""
     log_path = run_dir / f"{stem}.log"
     logger = setup_logger(log_path)
     log = logger.info
@@ -261,8 +270,9 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
         raise
     except KeyboardInterrupt as err:
         how = "terminated (SIGTERM)" if type(err).__name__ == "Terminated" else "interrupted"
-        resumable = cfg.trains_image and (run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth",
-                                                                   tag="LAST")).is_file()
+        starts = [run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST"),
+                  run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")]
+        resumable = hint_resume and cfg.trains_image and any(path.is_file() for path in starts)
         log(f"run {how}" + (f"; continue it with: workbench resume {run_dir}" if resumable else ""))
         raise
     except BaseException as err:

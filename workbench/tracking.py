@@ -10,13 +10,14 @@ import contextlib
 import os
 import socket
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from .config import Config, flatten
-from .errors import TrackingError
+from .errors import TrackingError, TrackingUriError
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -146,6 +147,7 @@ class MlflowTracker(NullTracker):
 
     MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
     RETRY_SECONDS = 30.0
+    HEARTBEAT_SECONDS = 120.0
     PROBE_TIMEOUT = 10.0
 
     def __init__(self, tracking_uri: str):
@@ -189,6 +191,8 @@ class MlflowTracker(NullTracker):
             if run_id is not None:
                 self.client.update_run(run_id, status="RUNNING")
                 self.client.log_batch(run_id, tags=[_tag(k, v) for k, v in tags.items() if k.startswith("workbench.")])
+                if "workbench.stale" in self.client.get_run(run_id).data.tags:  # it is alive again
+                    self.client.delete_tag(run_id, "workbench.stale")
             else:
                 run_id = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
         except Exception as err:
@@ -197,6 +201,7 @@ class MlflowTracker(NullTracker):
         self.last_run_id = run_id
         status = "FAILED"
         failed = True
+        heartbeat = _Heartbeat(self.tracking_uri, run_id, self.HEARTBEAT_SECONDS)
         try:
             yield run_id
             status, failed = "FINISHED", False
@@ -207,13 +212,16 @@ class MlflowTracker(NullTracker):
             status = "KILLED"
             raise
         finally:
-            self._next_retry = 0.0
-            self.flush()
-            try:
-                self.client.set_terminated(run_id, status=status)
-            except Exception as err:
-                self.delivery_error = self.delivery_error or _reason(err)
-            self._run_stack.pop()
+            heartbeat.stop()
+            try:  # nested, so that a second Ctrl-C during the flush still ends the run
+                self._next_retry = 0.0
+                self.flush()
+            finally:
+                try:
+                    self.client.set_terminated(run_id, status=status)
+                except Exception as err:
+                    self.delivery_error = self.delivery_error or _reason(err)
+                self._run_stack.pop()
             if self.delivery_error is not None:
                 message = self._report_undelivered(run_id, spool_dir)
                 if not failed:  # a run's own failure is the more useful message; this one is in the log
@@ -260,8 +268,12 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Param
 
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow's limit of params per request
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        try:
+            for i in range(0, len(items), 100):  # MLflow's limit of params per request
+                self.client.log_batch(run_id, params=items[i:i + 100])
+        except Exception as err:
+            raise TrackingError(f"cannot log the params of run {run_id} at {self.tracking_uri}: {_reason(err)}") \
+                from err
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -300,7 +312,10 @@ class MlflowTracker(NullTracker):
                   file=sys.stderr)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[_tag(k, v) for k, v in tags.items()])
+        try:
+            self.client.log_batch(self.run_id, tags=[_tag(k, v) for k, v in tags.items()])
+        except Exception as err:
+            raise TrackingError(f"cannot tag run {self.run_id} at {self.tracking_uri}: {_reason(err)}") from err
 
     def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
         """The data as an MLflow dataset input (the runs table's Dataset column): ``source`` is
@@ -318,12 +333,20 @@ def log_dataset_to(client, run_id: str, name: str, source: str, digest: str, con
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder either way
         warnings.simplefilter("ignore", UserWarning)
         dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest)
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                            tags=[InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    with _DATASET_LOCK:
+        try:
+            client.log_inputs(run_id, inputs)
+        except Exception:  # MLflow checks, then inserts: a worker process may have inserted it meanwhile
+            time.sleep(0.2)
+            client.log_inputs(run_id, inputs)
 
 
-HEARTBEAT_TAG = "workbench.heartbeat"  # unix time of the run's latest flush
-STALE_AFTER_SECONDS = 3600  # a RUNNING run on another machine without a flush for this long is stale
+_DATASET_LOCK = threading.Lock()  # trial threads of one process register a dataset in turn
+
+
+HEARTBEAT_TAG = "workbench.heartbeat"  # unix time of the run's latest sign of life (flush or heartbeat thread)
+STALE_AFTER_SECONDS = 3600  # a RUNNING run on another machine without a heartbeat for this long is stale
 
 
 def stale_reason(run, now: float | None = None) -> str | None:
@@ -368,6 +391,33 @@ def mark_stale_runs(client, experiment_ids: list[str], by: str) -> list[str]:
     return marked
 
 
+class _Heartbeat:
+    """A daemon thread that stamps the run's ``workbench.heartbeat`` tag every ``seconds`` (with
+    its own client), so that a run alive in a long validation is never taken for a dead one."""
+
+    def __init__(self, tracking_uri: str, run_id: str, seconds: float):
+        import threading
+
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(tracking_uri, run_id, seconds), daemon=True,
+                                        name=f"heartbeat-{run_id}")
+        self._thread.start()
+
+    def _beat(self, tracking_uri: str, run_id: str, seconds: float) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = None
+        while not self._stopped.wait(seconds):
+            try:
+                client = client or MlflowClient(tracking_uri)
+                client.set_tag(run_id, HEARTBEAT_TAG, int(time.time()))
+            except Exception:  # the store is away: the run's own flushes report it
+                pass
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 def _tag(key, value):
     from mlflow.entities import RunTag
 
@@ -380,13 +430,34 @@ def _reason(err: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _open_store(tracking_uri: str, timeout: float):
-    """An MlflowClient on ``tracking_uri``, checked to answer; a TrackingError naming the URI and
-    the reason otherwise (an unknown scheme, a server that is down, a database that cannot be
-    opened). A server is asked once, with a short timeout, not through MLflow's minutes of retries."""
+KNOWN_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc",
+                 "file")
+
+
+def _open_store(tracking_uri: str, timeout: float, must_exist: bool = False):
+    """An MlflowClient on ``tracking_uri``, checked to answer. A URI that cannot name a store (an
+    unknown scheme, the file store MLflow 3 refuses, a path through a file) is a
+    TrackingUriError; a store that does not answer (a server down, a database that cannot be
+    opened) a TrackingError. A server is asked once, with a short timeout, not through MLflow's
+    minutes of retries. ``must_exist`` (read-only commands): a SQLite file that is not there is an
+    error, not a new empty store."""
     from mlflow.tracking import MlflowClient
 
-    scheme = tracking_uri.split("://", 1)[0] if "://" in tracking_uri else "file"
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0] if "://" in tracking_uri else "file"
+    if scheme not in KNOWN_SCHEMES:
+        raise TrackingUriError(f"tracking store {tracking_uri}: unknown scheme {scheme}://; use sqlite:///mlflow.db, "
+                               f"http(s)://host:port or a database URL such as postgresql://...")
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise TrackingUriError(f"tracking store {tracking_uri}: MLflow 3 no longer writes a file store; use a "
+                               f"database such as sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)")
+    if tracking_uri.startswith("sqlite:///"):
+        db_path = Path(tracking_uri[len("sqlite:///"):])
+        blocking = next((p for p in db_path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise TrackingUriError(f"tracking store {tracking_uri}: {blocking} is a file where a folder is needed")
+        if must_exist and not db_path.is_file():
+            raise TrackingUriError(f"tracking store {tracking_uri}: no such database file {db_path} (give the "
+                                   f"--tracking-uri the runs were logged to)")
     if scheme in ("http", "https"):
         # MLflow's defaults (7 retries, 120 s timeout) stall a run for minutes per failed flush;
         # a tracker retries on its own, so each request gives up sooner unless the user says otherwise.
@@ -404,11 +475,7 @@ def _open_store(tracking_uri: str, timeout: float):
         client.search_experiments(max_results=1)
         return client
     except Exception as err:
-        reason = _reason(err)
-        if scheme == "file" and "MLFLOW_ALLOW_FILE_STORE" in str(err):
-            reason = ("MLflow 3 no longer writes a file store; use a database such as sqlite:///mlflow.db "
-                      "(or set MLFLOW_ALLOW_FILE_STORE=true)")
-        raise TrackingError(f"tracking store {tracking_uri}: {reason}") from None
+        raise TrackingError(f"tracking store {tracking_uri}: {_reason(err)}") from None
 
 
 def _open_sqlite_store(tracking_uri: str):
@@ -473,7 +540,7 @@ def runs_table(tracking_uri: str, experiment: str | None = None, study: str | No
     experiments; ``study`` keeps the trials of one study."""
     import mlflow
 
-    client = _open_store(tracking_uri, MlflowTracker.PROBE_TIMEOUT)
+    client = _open_store(tracking_uri, MlflowTracker.PROBE_TIMEOUT, must_exist=True)
     if experiment:
         found = client.get_experiment_by_name(experiment)
         if found is None:

@@ -6,11 +6,14 @@ feeds Optuna's pruner. Each trial is an MLflow run nested under one parent run p
 
 ``--trials N`` asks for N counted trials: COMPLETE, PRUNED, and FAIL when the trial failed on its
 own (a sampled config the validation rejects, a NaN), which would fail again. A trial whose worker
-went away (killed, Ctrl-C, SIGTERM) does not count: re-running the command replaces it.
+went away (killed, Ctrl-C, SIGTERM) does not count: re-running the command replaces it. Nor does a
+trial that met a fault of the environment (the tracking store, the disk, the study storage): the
+study stops there with that error, since every later trial would meet it too.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -30,7 +33,7 @@ import optuna
 
 from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
-from .errors import StorageError, StudyFailed, TrackingError, UsageError, os_error_message
+from .errors import ResourceError, StorageError, StudyFailed, TrackingError, UsageError, os_error_message
 from .runner import FeatureCache, train_joint
 from .tracking import MlflowTracker, RunStopped, mark_stale_runs, process_alive
 
@@ -43,6 +46,10 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 # Why a trial failed when it was not the trial's fault: it does not count and gets replaced.
 WORKER_ENDED = "its worker process ended"
 INTERRUPTED = "interrupted"
+FAULT = "fault: "  # prefix of the reason of a trial stopped by a fault of the environment
+# Faults of the environment, not of the trial: every later trial would fail the same way.
+FAULTS = (TrackingError, ResourceError, StorageError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class TrialPruned(RunStopped):
@@ -108,21 +115,104 @@ def _has_tune_section(path: Path) -> bool:
 def storage_for(study_name: str, storage: str | None, studies_dir: Path = STUDIES_DIR):
     """``storage`` as Optuna takes it: a database URL (``sqlite:///...``, ``postgresql://...``) is
     used as is; a file path, or by default ``studies/<study>.journal``, becomes a journal file
-    storage, which several processes can share safely (SQLite may answer 'database is locked')."""
+    storage, which several processes can share safely (SQLite may answer 'database is locked').
+    Returns (storage, label). A wrong argument (a folder, a path under a file, a file that is not
+    a journal, an unknown URL scheme) is a UsageError; a database that cannot be opened a StorageError."""
+    return _open_storage(*_check_storage(study_name, storage, studies_dir))
+
+
+def _check_storage(study_name: str, storage: str | None, studies_dir: Path):
+    """What ``storage`` names, checked without creating anything: (url, None, None, url) or (None,
+    journal path, the journal read when the file exists else None, how messages name it)."""
     if storage and "://" in storage:
-        return storage, storage
+        _check_database_url(storage)
+        return storage, None, None, storage
     path = Path(storage) if storage else studies_dir / f"{check_study_name(study_name)}.journal"
+    label = f"--storage {path}" if storage else str(path)
+    if path.is_dir():
+        raise UsageError(f"{label} is a folder; give a journal file or a database URL")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"{label}: {blocking} is a file, not a folder")
+    return None, path, _read_journal(path, label) if path.exists() else None, label
+
+
+def _open_storage(url: str | None, path: Path | None, journal, label: str):
+    """The storage ``_check_storage`` found, its journal file (and folder) created when new."""
+    if url is not None:
+        return url, url
+    if journal is None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(os_error_message(err, f"--storage: cannot create the journal {path}")) from None
+        journal = _read_journal(path, label)
+    return journal, str(path)
+
+
+def _read_journal(path: Path, label: str):
+    """A JournalStorage over ``path`` (created empty when missing; an existing file is only read):
+    a UsageError when the file is not an Optuna journal, a StorageError when it cannot be read."""
     from optuna.storages.journal import JournalFileBackend
 
-    blocking = next((p for p in path.parents if p.is_file()), None)
-    if blocking is not None:
-        raise StorageError(f"--storage {path}: {blocking} is a file, not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = JournalFileBackend(str(path))
+        with open(path, "rb") as f:
+            head = f.readline(1 << 16)
+    except FileNotFoundError:  # a new journal: JournalFileBackend creates the file
+        head = b""
     except OSError as err:
-        raise StorageError(os_error_message(err, f"--storage: cannot create the journal {path}")) from None
-    return optuna.storages.JournalStorage(backend), str(path)
+        raise StorageError(os_error_message(err, f"{label}: cannot open the journal")) from None
+    reason = _not_a_journal(head)
+    if reason:
+        raise UsageError(f"{label}: not an Optuna journal file ({reason})")
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    except OSError as err:
+        raise StorageError(os_error_message(err, f"{label}: cannot read the journal")) from None
+    except Exception as err:  # what Optuna met replaying it: undecodable or unknown entries
+        raise UsageError(f"{label}: not an Optuna journal file ({type(err).__name__}: {_first_line(err)})") \
+            from None
+
+
+JOURNAL_HEAD = b'{"op_code":'  # how Optuna writes every journal entry
+
+
+def _not_a_journal(head: bytes) -> str | None:
+    """Why a file whose first line is ``head`` is not an Optuna journal; None when it may be one
+    (empty, or a first entry still being written by another worker)."""
+    if not head.endswith(b"\n"):  # the whole file, no line yet: empty or being written
+        return None if JOURNAL_HEAD.startswith(head) or head.startswith(JOURNAL_HEAD) else \
+            "it holds no journal entry"
+    try:
+        entry = json.loads(head.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "it is not text"
+    except ValueError:
+        return "its first line is not JSON"
+    return None if isinstance(entry, dict) and "op_code" in entry else "its first line is not a journal entry"
+
+
+def _check_database_url(url: str) -> None:
+    """A database URL SQLAlchemy knows, whose driver is installed (a StorageError otherwise; an
+    unknown scheme is a UsageError), and for SQLite whose folder exists: checked before the
+    tracking store or any file is touched."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise UsageError(f"--storage {url}: unknown scheme {url.split('://', 1)[0]}://; give a journal file or a "
+                         f"database URL (sqlite:///study.db, postgresql://..., mysql://...)") from None
+    try:
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()
+    except ImportError as err:
+        raise StorageError(f"--storage: cannot open {url}: its driver is not installed ({err})") from None
+    database = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:" \
+            and not database.startswith("file:") and not Path(database).parent.is_dir():
+        raise StorageError(f"--storage: cannot open {url}: the folder {Path(database).parent} does not exist")
 
 
 def build_sampler(name: str, seed: int):
@@ -168,9 +258,27 @@ def rerun_command(config_path: str | None, base_overrides: list[str], values: di
 
 
 def _replaced(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial that failed because its worker went away: it does not count toward ``trials``."""
-    return trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get("fail_reason") in (WORKER_ENDED,
-                                                                                                  INTERRUPTED)
+    """A trial that failed because its worker went away or met a fault of the environment: it does
+    not count toward ``trials``."""
+    if trial.state != optuna.trial.TrialState.FAIL:
+        return False
+    reason = str(trial.user_attrs.get("fail_reason", ""))
+    return reason in (WORKER_ENDED, INTERRUPTED) or reason.startswith(FAULT)
+
+
+def _is_fault(err: BaseException) -> bool:
+    """A fault of the environment (store, disk, storage), which every later trial would meet too."""
+    return isinstance(err, FAULTS) or (isinstance(err, OSError) and err.errno in DISK_FULL)
+
+
+def _fail_reason(err: BaseException) -> str:
+    """Why a trial failed, as its ``fail_reason``: 'interrupted', 'fault: <error>' (both replaced)
+    or '<error>' (counted)."""
+    if isinstance(err, KeyboardInterrupt):
+        return INTERRUPTED
+    message = str(err).strip()
+    reason = f"{type(err).__name__}: {message.splitlines()[-1] if message else ''}"
+    return FAULT + reason if _is_fault(err) else reason
 
 
 def _first_line(err: BaseException) -> str:
@@ -185,13 +293,29 @@ def _tag_outcome(client, run_id: str, state: str, reason: str | None = None) -> 
         client.set_tag(run_id, "fail_reason", reason[:5000])
 
 
+def _bookkeeping(what: str, call: Callable, *args) -> None:
+    """``call(*args)``, a write to the tracking store that the trial's outcome does not depend on:
+    when it fails, one warning line and the outcome stands (nor is another error masked)."""
+    try:
+        call(*args)
+    except Exception as err:
+        print(f"warning: cannot {what} in MLflow ({_first_line(err)}); the trial's outcome stands", file=sys.stderr)
+
+
 class _TrialTracker(MlflowTracker):
     """Writes the MLflow run's id on the Optuna trial as soon as the run exists, so that the run
-    of a worker killed mid-trial can be found and ended by the next worker (``_fail_dead_workers``)."""
+    of a worker killed mid-trial can be found and ended by the next worker (``_fail_dead_workers``).
+    ``check`` is called after every logged step: it raises KeyboardInterrupt in this worker thread
+    when the study was interrupted (the signal reaches the main thread only)."""
 
-    def __init__(self, tracking_uri: str, trial: optuna.trial.Trial):
+    def __init__(self, tracking_uri: str, trial: optuna.trial.Trial, check: Callable[[], None] = lambda: None):
         super().__init__(tracking_uri)
         self.trial = trial
+        self.check = check
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        super().log_metrics(metrics, step)
+        self.check()
 
     @contextlib.contextmanager
     def start_run(self, *args, **kwargs):
@@ -219,14 +343,24 @@ class Study:
         self.pruner_name = options.pruner or self.tune.pruner
         self.sampler_name = options.sampler or self.tune.sampler
         self.keep = options.keep_checkpoints or self.tune.keep_checkpoints
-        self.storage, self.storage_label = storage_for(options.study_name, options.storage, studies_dir)
-        self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
         self.tracking_uri = options.tracking_uri
+        # Wrong arguments first, then the tracking store: either refused leaves no study file behind.
+        url, journal_path, journal, label = _check_storage(options.study_name, options.storage, studies_dir)
+        self.tracker = MlflowTracker(self.tracking_uri)  # probes the store: TrackingError, TrackingUriError
+        self.storage, self.storage_label = _open_storage(url, journal_path, journal, label)
+        self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
+        # No new trial starts once set; with _interrupt, running trials end too (``stop``).
+        self.stopping = threading.Event()
+        self._interrupt: type[BaseException] | None = None
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         try:
             self.study = optuna.create_study(
                 study_name=options.study_name, storage=self.storage, load_if_exists=True,
                 direction=self.tune.direction, pruner=build_pruner(self.pruner_name, cfg.epochs_image))
-        except Exception as err:  # a wrong URL, a missing driver, an unreachable server
+        except Exception as err:  # a wrong URL, a missing driver, an unreachable server; a broken journal
+            if journal_path is not None and not isinstance(err, OSError):
+                raise UsageError(f"{label}: not an Optuna journal file "
+                                 f"({type(err).__name__}: {_first_line(err)})") from None
             raise StorageError(f"--storage: cannot open {self.storage_label}: {_first_line(err)}") from None
         studies_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -234,18 +368,22 @@ class Study:
         self.lock_path = studies_dir / f"{options.study_name}.lock"
         with self._claim_lock():  # workers starting together agree on one parent run and one baseline
             self.parent_run_id = self._parent_run()
-            self._fail_dead_workers()
-            # The k-th process to open the study samples with seed + k: a fresh study is
-            # reproducible, a resumed one does not repeat the killed trials' parameters, and two
-            # workers do not propose the same ones.
-            session = self.study.user_attrs.get(SESSIONS_ATTR, 0)
-            self.study.set_user_attr(SESSIONS_ATTR, session + 1)
-            self.study.sampler = build_sampler(self.sampler_name, cfg.seed + session)
-            self._enqueue_defaults()
+            try:
+                self._fail_dead_workers()
+                # The k-th process to open the study samples with seed + k: a fresh study is
+                # reproducible, a resumed one does not repeat the killed trials' parameters, and two
+                # workers do not propose the same ones.
+                session = self.study.user_attrs.get(SESSIONS_ATTR, 0)
+                self.study.set_user_attr(SESSIONS_ATTR, session + 1)
+                self.study.sampler = build_sampler(self.sampler_name, cfg.seed + session)
+                self._enqueue_defaults()
+            except BaseException as err:
+                self._end_parent(err)
+                raise
 
     # ------------------------------------------------------------------ MLflow parent run
     def _parent_run(self) -> str:
-        tracker = MlflowTracker(self.tracking_uri)
+        tracker = self.tracker
         existing = self.study.user_attrs.get(PARENT_ATTR)
         if existing:
             try:
@@ -268,6 +406,36 @@ class Study:
         tracker.log_params_to(run_id, {f"space.{k}": json.dumps(v) for k, v in self.tune.space.items()}
                               | {"metric": self.metric, "direction": self.tune.direction})
         return run_id
+
+    def _end_parent(self, err: BaseException) -> None:
+        """The parent run ended KILLED (``err`` a KeyboardInterrupt) or FAILED, unless trials of
+        another worker process are still running (the last worker ends it); a store that fails
+        here gets a warning, not the place of ``err``."""
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            if any(t.user_attrs.get("worker") != self.worker_id
+                   for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
+                return
+        except Exception:  # the storage failed: end the run all the same
+            pass
+        try:
+            self.tracker.client.set_terminated(self.parent_run_id, status)
+        except Exception as end_err:
+            print(f"warning: cannot mark the study's MLflow run {self.parent_run_id} {status} "
+                  f"({_first_line(end_err)})", file=sys.stderr)
+
+    def stop(self, interrupt: type[BaseException] | None = KeyboardInterrupt) -> None:
+        """No new trial starts; with ``interrupt`` (a KeyboardInterrupt class), the running trials
+        raise it in their worker thread at their next logged step or validation, and end FAIL
+        'interrupted' with their MLflow runs KILLED."""
+        if interrupt is not None:
+            self._interrupt = interrupt
+        self.stopping.set()
+
+    def check_interrupt(self) -> None:
+        """Raise the interrupt ``stop`` was given, if any (called from the trials' threads)."""
+        if self._interrupt is not None:
+            raise self._interrupt()
 
     def _enqueue_defaults(self) -> None:
         """A new study first tries the config as written, so its best is never worse than that
@@ -293,12 +461,13 @@ class Study:
         report_key = TUNE_METRICS[self.metric]
 
         def report(epoch: int, metrics: dict) -> None:
+            self.check_interrupt()
             trial.report(metrics[report_key], epoch)
             if trial.should_prune():
                 raise TrialPruned(f"pruned after epoch {epoch} at {report_key} {metrics[report_key]:.2f}")
 
         stem = build_filename(cfg, cfg.epochs_image, "image")
-        tracker = _TrialTracker(self.tracking_uri, trial)
+        tracker = _TrialTracker(self.tracking_uri, trial, self.check_interrupt)
         tags = {"study_name": self.options.study_name, "trial_number": trial.number, "workbench.role": "trial"}
         try:
             result = train_joint(cfg, tracker, report, run_name=f"{stem}_trial{trial.number}",
@@ -308,19 +477,21 @@ class Study:
             if value is None or not math.isfinite(value):
                 raise ValueError(f"the run produced no finite {self.metric}")
         except TrialPruned as stop:
-            _tag_outcome(tracker.client, tracker.last_run_id, "PRUNED")
+            _bookkeeping(f"tag trial {trial.number} PRUNED", _tag_outcome, tracker.client, tracker.last_run_id,
+                         "PRUNED")
             raise optuna.TrialPruned(str(stop)) from None
         except (Exception, KeyboardInterrupt) as err:
-            message = str(err).strip()
-            reason = INTERRUPTED if isinstance(err, KeyboardInterrupt) else \
-                f"{type(err).__name__}: {message.splitlines()[-1] if message else ''}"
+            reason = _fail_reason(err)
             trial.set_user_attr("fail_reason", reason)
             if tracker.last_run_id:
-                _tag_outcome(tracker.client, tracker.last_run_id, "FAIL", reason)
+                _bookkeeping(f"tag trial {trial.number} FAIL", _tag_outcome, tracker.client, tracker.last_run_id,
+                             "FAIL", reason)
             raise
         trial.set_user_attr("run_dir", result["run_dir"])
-        _tag_outcome(tracker.client, result["run_id"], "COMPLETE")
-        tracker.client.set_tag(result["run_id"], "objective", value)
+        _bookkeeping(f"tag trial {trial.number} COMPLETE", _tag_outcome, tracker.client, result["run_id"],
+                     "COMPLETE")
+        _bookkeeping(f"tag trial {trial.number}'s objective", tracker.client.set_tag, result["run_id"],
+                     "objective", value)
         return value
 
     def trial_dir(self, number: int) -> Path:
@@ -404,32 +575,58 @@ class Study:
                 storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
                 run_id = trial.user_attrs.get(RUN_ATTR)
                 if run_id:
-                    client = MlflowTracker(self.tracking_uri).client
-                    _tag_outcome(client, run_id, "FAIL", f"{WORKER_ENDED} (pid {pid})")
-                    client.set_terminated(run_id, "KILLED")
+                    _bookkeeping(f"mark the run {run_id} of trial {trial.number} KILLED", self._kill_run, run_id,
+                                 f"{WORKER_ENDED} (pid {pid})")
                 self.log(f"trial {trial.number:3d} FAIL     {WORKER_ENDED} (pid {pid}); it will be replaced")
 
+    def _kill_run(self, run_id: str, reason: str) -> None:
+        client = MlflowTracker(self.tracking_uri).client
+        _tag_outcome(client, run_id, "FAIL", reason)
+        client.set_terminated(run_id, "KILLED")
+
     def _worker(self, deadline: float | None) -> None:
-        while deadline is None or time.time() < deadline:
-            with self._claim_lock():
-                self._fail_dead_workers()
-                if self._claimed() >= self.options.trials:
-                    return
-                trial = self.study.ask()
-                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-            try:
-                value = self.objective(trial)
-                frozen = self.study.tell(trial, value)
-            except optuna.TrialPruned:
-                frozen = self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", INTERRUPTED)
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            except Exception:  # the study goes on; the reason is on the trial and its MLflow run
-                frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        """Claim and run trials until the study has enough, the deadline passes or ``stopping`` is
+        set. Whatever ends a worker but the study being complete stops the other workers claiming."""
+        try:
+            while not self.stopping.is_set() and (deadline is None or time.time() < deadline):
+                with self._claim_lock():
+                    if self.stopping.is_set():
+                        return
+                    self._fail_dead_workers()
+                    if self._claimed() >= self.options.trials:
+                        return
+                    trial = self.study.ask()
+                    trial.set_user_attr("worker", self.worker_id)
+                try:
+                    value = self.objective(trial)
+                    frozen = self.study.tell(trial, value)
+                except optuna.TrialPruned:
+                    frozen = self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                except KeyboardInterrupt:
+                    trial.set_user_attr("fail_reason", INTERRUPTED)
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    raise
+                except Exception as err:
+                    if _is_fault(err):  # not the trial's fault: it is replaced, and the study stops here
+                        self._fail_on_fault(trial, err)
+                        raise
+                    # the study goes on; the reason is on the trial and its MLflow run
+                    frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                self._progress(self.study, frozen)
+                self._remove_surplus_checkpoints()
+        except BaseException:
+            self.stopping.set()
+            raise
+
+    def _fail_on_fault(self, trial: optuna.trial.Trial, err: BaseException) -> None:
+        """The trial FAIL with a 'fault: ' reason (not counted), as far as the storage still takes it."""
+        self.stopping.set()  # before anything that may block: the other workers claim no more trials
+        try:
+            trial.set_user_attr("fail_reason", _fail_reason(err))
+            frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             self._progress(self.study, frozen)
-            self._remove_surplus_checkpoints()
+        except Exception:  # the storage itself may be the fault; the next worker fails the trial
+            pass
 
     def _progress(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         try:
@@ -453,25 +650,35 @@ class Study:
         """Run trials until the study holds ``trials`` counted ones (resuming an existing study
         runs only the missing ones), then write the summary to the parent run. Raises StudyFailed
         when every counted trial failed."""
-        client = MlflowTracker(self.tracking_uri).client
-        stale = mark_stale_runs(client, [client.get_run(self.parent_run_id).info.experiment_id], "workbench tune")
-        if stale:
-            self.log(f"marked {len(stale)} stale RUNNING run(s) KILLED (their process ended without closing them)")
-        self.log(f"study {self.options.study_name} ({self.storage_label}): {self.tally()}, {self.remaining()} to go, "
-                 f"{self.options.n_jobs} at a time; pruner {self.pruner_name}, sampler {self.sampler_name}, "
-                 f"{self.tune.direction} {self.metric}")
-        deadline = time.time() + self.options.timeout if self.options.timeout else None
         try:
+            client = self.tracker.client
+            stale = mark_stale_runs(client, [client.get_run(self.parent_run_id).info.experiment_id], "workbench tune")
+            if stale:
+                self.log(f"marked {len(stale)} stale RUNNING run(s) KILLED (their process ended without closing them)")
+            self.log(f"study {self.options.study_name} ({self.storage_label}): {self.tally()}, {self.remaining()} to "
+                     f"go, {self.options.n_jobs} at a time; pruner {self.pruner_name}, sampler {self.sampler_name}, "
+                     f"{self.tune.direction} {self.metric}")
+            deadline = time.time() + self.options.timeout if self.options.timeout else None
             if self.options.n_jobs == 1:
                 self._worker(deadline)
             else:
                 with ThreadPoolExecutor(self.options.n_jobs) as pool:
-                    for future in [pool.submit(self._worker, deadline) for _ in range(self.options.n_jobs)]:
-                        future.result()
-        except KeyboardInterrupt:  # the parent run says so; re-running the command resumes
-            MlflowTracker(self.tracking_uri).client.set_terminated(self.parent_run_id, "KILLED")
+                    futures = [pool.submit(self._worker, deadline) for _ in range(self.options.n_jobs)]
+                    try:
+                        for future in futures:
+                            future.result()
+                    except BaseException as err:
+                        # Before leaving the block, which waits for the workers: Ctrl-C or SIGTERM reach
+                        # this thread only, so the running trials are interrupted from here; a worker's
+                        # error lets them finish but starts no new one.
+                        self.stop(type(err) if isinstance(err, KeyboardInterrupt) else None)
+                        raise
+            self.summarise()
+        except BaseException as err:  # the parent run says so (KILLED, FAILED); re-running the command resumes
+            if isinstance(err, KeyboardInterrupt):  # also when it came while waiting for the workers to finish
+                self.stop(type(err))
+            self._end_parent(err)
             raise
-        self.summarise()
         failure = self.failure()
         if failure:
             raise StudyFailed(failure)
@@ -480,8 +687,7 @@ class Study:
     def summarise(self) -> None:
         """Best params and value, the trials table and Optuna's plots on the parent run; the best
         trial's checkpoints on its own run (``keep_checkpoints: best``)."""
-        tracker = MlflowTracker(self.tracking_uri)
-        client, parent = tracker.client, self.parent_run_id
+        client, parent = self.tracker.client, self.parent_run_id
         frame = self.study.trials_dataframe()
         out = self.studies_dir / f"{self.options.study_name}_summary"
         out.mkdir(parents=True, exist_ok=True)
