@@ -39,6 +39,18 @@ def runs_of(uri, experiment="quickstart"):
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
+def interrupted_run(cfg, tracker=None) -> Path:
+    """The run folder of ``cfg`` interrupted (Ctrl-C) after its first image epoch."""
+    def stop(epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(cfg, tracker, report=stop)
+    (run_dir,) = Path(cfg.output_dir).iterdir()
+    return run_dir
+
+
 # ---------------------------------------------------------------- the tracking store
 @pytest.mark.parametrize("uri, expected, status", [
     ("bogus://nowhere", "unknown scheme bogus://", 2),  # the URI given is wrong: exit 2
@@ -167,14 +179,7 @@ def test_a_full_disk_ends_in_one_line_with_no_torn_checkpoint(tiny_config, tmp_p
 
 def test_resume_removes_the_temporaries_of_a_killed_save(tiny_config, tmp_path):
     cfg = config.replace(tiny_config, epochs_image=2)
-
-    def stop(epoch, metrics):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_joint(cfg, report=stop)
-    (run_dir,) = Path(cfg.output_dir).iterdir()
+    run_dir = interrupted_run(cfg)
     torn = run_dir / (next(run_dir.glob("*_LAST.pth")).name + ".abc123.tmp")
     torn.write_bytes(b"half a checkpoint")
     log = next(run_dir.glob("*.log"))
@@ -215,15 +220,7 @@ def test_resume_after_sigkill_closes_the_stale_run_and_continues_it(tiny_config,
     import json
 
     uri = f"sqlite:///{tmp_path / 'kill.db'}"
-    cfg = config.replace(tiny_config, epochs_image=2)
-
-    def stop(epoch, metrics):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_joint(cfg, MlflowTracker(uri), report=stop)
-    (run_dir,) = Path(cfg.output_dir).iterdir()
+    run_dir = interrupted_run(config.replace(tiny_config, epochs_image=2), MlflowTracker(uri))
     run_id = json.loads(next(run_dir.glob("*_run.json")).read_text())["run_id"]
     client = MlflowClient(uri)
     # what SIGKILL leaves: the run RUNNING, owned by a process that is gone
@@ -480,15 +477,7 @@ def test_resume_looks_before_it_reopens_the_run(tiny_config, tmp_path, capsys):
     import shutil
 
     uri = f"sqlite:///{tmp_path / 'look.db'}"
-    cfg = config.replace(tiny_config, epochs_image=3)
-
-    def stop(epoch, metrics):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_joint(cfg, MlflowTracker(uri), report=stop)
-    (run_dir,) = Path(cfg.output_dir).iterdir()
+    run_dir = interrupted_run(config.replace(tiny_config, epochs_image=3), MlflowTracker(uri))
     assert "run interrupted; continue it with: workbench resume" in next(run_dir.glob("*.log")).read_text()
     run_id = json.loads(next(run_dir.glob("*_run.json")).read_text())["run_id"]
     client = MlflowClient(uri)

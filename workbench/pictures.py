@@ -1,5 +1,5 @@
-"""Pictures of an evaluation, read at a glance: the CMC curve of every split and their mean, and
-ranked lists (a query, then its closest gallery images framed green when right and red when
+"""Pictures read at a glance: a run's metric curves, the CMC curve of every split and their mean,
+and ranked lists (a query, then its closest gallery images framed green when right and red when
 wrong, with the distance under each)."""
 from __future__ import annotations
 
@@ -18,6 +18,32 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
+def save_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, keys: list[str],
+                title: str) -> Path | None:
+    """One PNG with a panel per metric in ``keys`` that has values; None when none has."""
+    plt = _pyplot()
+    keys = [k for k in keys if history.get(k)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=False, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        steps, values = zip(*history[key])
+        ax.plot(steps, values, lw=1.2)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi=90)
 
 
 def plot_cmc(curves: dict[str, np.ndarray], path: str | Path, title: str) -> Path:
@@ -40,10 +66,7 @@ def plot_cmc(curves: dict[str, np.ndarray], path: str | Path, title: str) -> Pat
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def pick_queries(ap: np.ndarray, worst: int = 6, random: int = 4, seed: int = 0) -> list[int]:
@@ -94,7 +117,4 @@ def plot_ranked_lists(queries: Sequence, gallery: Sequence, ranked: list[dict], 
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)

@@ -26,14 +26,14 @@ from .errors import TrackingError, UsageError, os_error_message
 from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, records_digest, synthesize_dataset,
                    test_loader)
 from .evaluation import evaluate_splits, mean_and_std
-from .pictures import pick_queries, plot_cmc, plot_ranked_lists
+from .pictures import pick_queries, plot_cmc, plot_ranked_lists, save_curves
 from .checkpoint import (atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
                          remove_stale_temporaries)
 from .heads import register_bnneck_and_arcface
 from .model import PromptLearner, load_clip_with_patch, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
                      train_clipreid_prompt_stage)
-from .tracking import NullTracker, RunStopped, Tracker, run_params, save_curves
+from .tracking import NullTracker, RunStopped, Tracker, run_params
 
 LOSS_KEYS = ["loss", "id_loss", "tri_loss", "center_loss", "i2t_loss", "t2i_loss", "feat_norm", "arc_conf", "lr"]
 PROMPT_KEYS = ["prompt_loss", "i2t_loss", "t2i_loss", "prompt_norm", "prompt_var", "prompt_class_var", "prompt_grad",

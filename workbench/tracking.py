@@ -507,32 +507,6 @@ def run_params(cfg: Config) -> dict[str, Any]:
     return flatten(cfg.to_dict())
 
 
-def save_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, keys: list[str],
-                title: str) -> Path | None:
-    """One PNG with a panel per metric in ``keys`` that has values; None when none has."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in keys if history.get(k)]
-    if not keys:
-        return None
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=False, squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        steps, values = zip(*history[key])
-        ax.plot(steps, values, lw=1.2)
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("step")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def runs_table(tracking_uri: str, experiment: str | None = None, study: str | None = None,
                metric: str = "best_mAP"):
     """Runs as a pandas DataFrame, sorted by ``metric`` (best first): run name and id, status,
