@@ -72,3 +72,22 @@ def test_weights_only_rejects_pickled_code(tmp_path):
     model, _, _ = make()
     with pytest.raises(CheckpointError, match=r"it holds pickled code \(print\), which workbench never runs"):
         load_checkpoint(path, model=model)
+
+
+def test_a_signal_during_a_save_waits_until_the_file_is_whole(tmp_path):
+    """Ctrl-C (or SIGTERM) inside torch.save's writer would leave its archive unclosable: the
+    signal is held until the file is complete and in place, then raised."""
+    import os
+    import signal
+
+    from workbench.checkpoint import atomic_write
+
+    def write(f):
+        f.write(b"a" * 1000)
+        os.kill(os.getpid(), signal.SIGINT)
+        f.write(b"b" * 1000)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "x.bin", write)
+    assert (tmp_path / "x.bin").read_bytes() == b"a" * 1000 + b"b" * 1000
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

@@ -6,10 +6,13 @@ center-loss state, RNG states, epoch, metrics, resolved config), so a run can re
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import signal
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -61,6 +64,31 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends: an exception raised inside torch.save's
+    writer leaves its zip archive in a state that fails again on close, turning a clean
+    interruption into a crash. Held only on the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda number, _frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), received[0])
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
     """Call ``write(binary_file)`` on a temporary file in ``path``'s folder, fsync it, then rename
     it to ``path``: a crash or a full disk never leaves a torn file under the final name. An
@@ -71,11 +99,11 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); the final file follows the umask
-        with os.fdopen(fd, "wb") as f:
+        with _signals_held(), os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
