@@ -15,7 +15,7 @@ ALLOWED = {
     "evaluation": {"errors", "config", "model", "heads"},
     "pictures": {"errors"},
     "checkpoint": {"errors"},
-    "tracking": {"errors", "config"},
+    "tracking": {"errors", "config", "checkpoint"},
     "stages": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking"},
     "runner": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "pictures", "checkpoint", "tracking",
                "stages"},

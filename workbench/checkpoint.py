@@ -65,10 +65,11 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def _signals_held():
+def signals_held():
     """Ctrl-C and SIGTERM wait until the block ends: an exception raised inside torch.save's
-    writer leaves its zip archive in a state that fails again on close, turning a clean
-    interruption into a crash. Held only on the main thread, where Python runs signal handlers."""
+    writer (or inside a SQLite transaction of the tracking store) leaves it in a state that fails
+    again on close, turning a clean interruption into a crash. Held only on the main thread,
+    where Python runs signal handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -99,7 +100,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); the final file follows the umask
-        with _signals_held(), os.fdopen(fd, "wb") as f:
+        with signals_held(), os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

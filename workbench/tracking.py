@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from .checkpoint import signals_held
 from .config import Config, flatten
 from .errors import TrackingError, TrackingUriError
 
@@ -218,7 +219,8 @@ class MlflowTracker(NullTracker):
                 self.flush()
             finally:
                 try:
-                    self.client.set_terminated(run_id, status=status)
+                    with signals_held():
+                        self.client.set_terminated(run_id, status=status)
                 except Exception as err:
                     self.delivery_error = self.delivery_error or _reason(err)
                 self._run_stack.pop()
@@ -290,10 +292,11 @@ class MlflowTracker(NullTracker):
         if not self._pending or time.monotonic() < self._next_retry:
             return
         try:
-            while self._pending:
-                self.client.log_batch(self.run_id, metrics=self._pending[:self.MAX_BATCH],
-                                      tags=[_tag(HEARTBEAT_TAG, int(time.time()))])
-                self._pending = self._pending[self.MAX_BATCH:]
+            with signals_held():
+                while self._pending:
+                    self.client.log_batch(self.run_id, metrics=self._pending[:self.MAX_BATCH],
+                                          tags=[_tag(HEARTBEAT_TAG, int(time.time()))])
+                    self._pending = self._pending[self.MAX_BATCH:]
         except Exception as err:
             if self.delivery_error is None:
                 print(f"warning: cannot log to {self.tracking_uri} ({_reason(err)}); training goes on and the "
