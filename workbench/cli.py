@@ -264,8 +264,8 @@ def cmd_eval(args) -> int:
     from .checkpoint import CheckpointMismatch, load_checkpoint, read_checkpoint
     from .data import available_splits
     from .evaluation import validate, validate_stage1_prompts
-    from .runner import build_model_and_loaders, ensure_dataset, load_data, seed_everything, select_device
-    from .stages import ImageStageSettings, cache_image_features, eval_splits
+    from .runner import build_model_and_loaders, ensure_dataset, feature_spec, load_data, seed_everything, select_device
+    from .stages import cache_image_features, eval_splits
 
     checkpoint = _checkpoint_file(Path(args.checkpoint)) if args.checkpoint else None
     if args.config and args.config_option:
@@ -292,7 +292,8 @@ def cmd_eval(args) -> int:
         _warn_config_differences(state.get("metadata", {}).get("config"), cfg)
     if args.prompts:
         if state is not None and stage == "image" and not state.get("prompt_learner_state_dict"):
-            raise UsageError(f"{checkpoint} holds no prompt learner (an image_only run): nothing to retrieve")
+            raise UsageError(f"{checkpoint} holds no prompt learner (an image_only or promptsg run): "
+                             f"nothing to retrieve")
         feats, labels = cache_image_features(model, loaders.train_eval, device, cfg.amp)
         result = validate_stage1_prompts(model, prompt_learner, feats, labels, max_rank=cfg.max_rank,
                                          raw_dot=cfg.prompt_logit_mode == "raw_dot")
@@ -309,7 +310,7 @@ def cmd_eval(args) -> int:
         raise ConfigError("--split val: this config has no validation split (set val_identities)")
     with torch.no_grad():
         result = validate(model, selection if args.split == "val" else test, device,
-                          ImageStageSettings.from_config(cfg).feature_spec, max_rank=cfg.max_rank, amp=cfg.amp)
+                          feature_spec(cfg), max_rank=cfg.max_rank, amp=cfg.amp)
     print("rank1 {rank1:.2f}  rank5 {rank5:.2f}  rank10 {rank10:.2f}  mAP {mAP:.2f}  mINP {mINP:.2f}".format(**result))
     return 0
 

@@ -24,7 +24,7 @@ import yaml
 from .errors import ConfigError
 
 UNSAFE_NAME = r"[/\\\x00-\x1f]|\.\."  # in a config string that becomes part of a file name
-STAGE_MODES = ("prompt_then_image", "prompt_only", "image_only")
+STAGE_MODES = ("prompt_then_image", "prompt_only", "image_only", "promptsg")
 # Choices of the keys that switch between the original design and the official CLIP-ReID recipe.
 CHOICES = {
     "id_head": ("arcface", "linear"),
@@ -37,6 +37,8 @@ CHOICES = {
     "select_metric": ("rank1", "mAP"),
     "eval_neck_feat": ("before", "after"),
     "dataset_format": ("auto", "folders", "market1501"),
+    "promptsg_eval_prompt": ("composed", "simplified"),
+    "mim_fusion": ("query", "reweight"),
 }
 LOSS_NAMES = ("id", "triplet", "center", "i2t", "t2i")
 # Names the original research configs used for the same losses.
@@ -228,7 +230,7 @@ class Config:
     prompt_template: str = "{aspect} hand of a person"
     """Prompt text after the learned context tokens; {aspect} is replaced by aspect."""
     stage_mode: str = "prompt_then_image"
-    """prompt_then_image, prompt_only or image_only."""
+    """prompt_then_image, prompt_only, image_only (CLIP-ReID) or promptsg (PromptSG: one end-to-end stage)."""
     freeze_prompt: bool = True
     """Keep the learned prompt fixed during the image stage."""
     train_text_encoder: bool = False
@@ -312,6 +314,24 @@ class Config:
     select_metric: str = "rank1"
     """Validation metric that picks the BEST checkpoint: rank1 or mAP."""
 
+    # --- PromptSG (stage_mode: promptsg) ---
+    promptsg_template: str = "{aspect} hand"
+    """PromptSG prompt after "A photo of a": composed "A photo of a X {template}." (X: the image's pseudo-token), simplified without X."""
+    promptsg_module_lr: float = 5e-5
+    """Learning rate of PromptSG's new modules (inversion network, interaction module, BNNeck, ID head); lr is the image encoder's."""
+    promptsg_supcon_weight: float = 0.5
+    """lambda: weight of the image-text SupCon terms (i2t and t2i in loss_list) between the global image feature and the composed prompt's text feature."""
+    promptsg_eval_prompt: str = "composed"
+    """Prompt of the interaction module at test time: composed (each image's own pseudo-token) or simplified (one text, encoded once)."""
+    mim_fusion: str = "query"
+    """Output of the interaction module: query (the cross-attention's text-query token after the blocks) or reweight (tokens re-weighted by the attention map, the global token after the blocks)."""
+    mim_blocks: int = 2
+    """Self-attention + feed-forward blocks after the cross-attention."""
+    mim_heads: int = 8
+    """Attention heads of the interaction module (must divide CLIP's embedding width)."""
+    inversion_hidden: int = 512
+    """Hidden width of the inversion network (3-layer MLP with a BatchNorm after the last layer)."""
+
     tune: TuneConfig = field(default_factory=TuneConfig)
     """Settings of ``workbench tune``."""
 
@@ -351,7 +371,7 @@ class Config:
         for key in ("epochs_prompt", "epochs_image", "warmup_epochs", "num_workers"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.stage_mode != "image_only" and self.epochs_prompt == 0:
+        if self.trains_prompt and self.epochs_prompt == 0:
             bad("epochs_prompt", f"is 0 but stage_mode {self.stage_mode} trains the prompt")
         if self.stage_mode != "prompt_only" and self.epochs_image == 0:
             bad("epochs_image", f"is 0 but stage_mode {self.stage_mode} trains the image encoder")
@@ -416,6 +436,23 @@ class Config:
             bad("synth_test_identities", f"must be >= 1 or null, got {self.synth_test_identities}")
         if not self.losses:
             bad("loss_list", "is empty")
+        if re.search(r"\{(?!aspect\})[^}]*\}", self.promptsg_template) or \
+                ("{aspect}" not in self.promptsg_template and self.aspect):
+            bad("promptsg_template", f"{self.promptsg_template!r}: needs the {{aspect}} placeholder (and no other) "
+                                     f"while aspect is {self.aspect!r}")
+        if self.promptsg_module_lr <= 0:
+            bad("promptsg_module_lr", f"must be positive, got {self.promptsg_module_lr}")
+        if self.promptsg_supcon_weight < 0:
+            bad("promptsg_supcon_weight", f"must be >= 0, got {self.promptsg_supcon_weight}")
+        for key, low in (("mim_blocks", 0), ("mim_heads", 1), ("inversion_hidden", 1)):
+            if getattr(self, key) < low:
+                bad(key, f"must be >= {low}, got {getattr(self, key)}")
+        if self.stage_mode == "promptsg":
+            for key, wanted in (("test_feature", "proj"), ("i2t_mode", "batch_supcon"),
+                                ("i2t_logit_mode", "cosine_scaled"), ("train_text_encoder", False)):
+                if getattr(self, key) != wanted:
+                    bad(key, f"stage_mode promptsg needs {key}: {str(wanted).lower()} (its SupCon is in the batch on "
+                             f"cosine logits, its text encoder stays frozen, its feature is the interaction module's)")
 
     @property
     def losses(self) -> tuple[str, ...]:
@@ -437,7 +474,8 @@ class Config:
 
     @property
     def trains_image(self) -> bool:
-        return self.stage_mode in ("prompt_then_image", "image_only")
+        """Whether the image encoder trains (CLIP-ReID's image stage, or PromptSG's one stage)."""
+        return self.stage_mode in ("prompt_then_image", "image_only", "promptsg")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -622,7 +660,9 @@ def build_filename(cfg: Config, epochs: int | None, stage: str, extension: str |
     if epochs is not None:
         parts.append(f"e{epochs}")
     parts += [f"lr{lr:g}", f"bs{cfg.batch_size}"]
-    if cfg.stage_mode != "image_only":
+    if cfg.stage_mode == "promptsg":
+        parts.append("promptsg")
+    elif cfg.stage_mode != "image_only":
         parts.append(f"nctx{cfg.n_ctx}")
     parts.append(stage + (f"_{tag.lstrip('_')}" if tag else ""))
     if timestamped:

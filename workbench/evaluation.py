@@ -5,7 +5,7 @@ checked against a slow per-query reference in the tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -95,11 +95,14 @@ class FeatureSpec:
     ``neck``: before (the features the head takes, concatenated and L2-normalised) or after (the
     BNNeck outputs); ``normalized``: the head takes L2-normalised features (original design) or
     raw ones (official); ``pre_proj``: the pre-projection feature is concatenated to the
-    projected one (official test feature)."""
+    projected one (official test feature); ``encode``: a method's own feature function
+    ``encode(clip_model, images) -> [feature]`` (PromptSG's interaction module), in place of
+    CLIP's image features, still normalised and put through the BNNeck as the spec says."""
 
     neck: str = "before"
     normalized: bool = True
     pre_proj: bool = False
+    encode: Callable | None = field(default=None, compare=False)
 
 
 @torch.no_grad()
@@ -115,7 +118,11 @@ def extract_features(clip_model: nn.Module, loader, device: torch.device, spec: 
 
     def features(images: torch.Tensor) -> torch.Tensor:
         with autocast:
-            parts = image_features_for_head(clip_model, images, spec.pre_proj, spec.normalized)
+            if spec.encode is None:
+                parts = image_features_for_head(clip_model, images, spec.pre_proj, spec.normalized)
+            else:
+                parts = [f.float() for f in spec.encode(clip_model, images)]
+                parts = [F.normalize(f, dim=1) for f in parts] if spec.normalized else parts
             if spec.neck == "after":
                 parts = [bottleneck(f) for (bottleneck, _), f in zip(head_branches(clip_model), parts)]
             return torch.cat([p.float() for p in parts], dim=1)
@@ -144,7 +151,7 @@ class EvalSplit:
     g_camids: list | None = None
 
 
-def _percent(metrics: dict) -> dict:
+def as_percent(metrics: dict) -> dict:
     cmc = metrics["cmc"]
 
     def rank(k: int) -> float:
@@ -161,7 +168,7 @@ def validate(clip_model: nn.Module, split: EvalSplit, device: torch.device, spec
     ``num_valid_q``."""
     qf = extract_features(clip_model, split.query, device, spec, amp)
     gf = extract_features(clip_model, split.gallery, device, spec, amp)
-    result = _percent(reid_metrics(cosine_distance(qf, gf), np.asarray(split.q_pids), np.asarray(split.g_pids),
+    result = as_percent(reid_metrics(cosine_distance(qf, gf), np.asarray(split.q_pids), np.asarray(split.g_pids),
                                    split.q_camids, split.g_camids, max_rank=max_rank))
     if log is not None:
         log(f"{split.name}: " + "rank1 {rank1:.2f}  rank5 {rank5:.2f}  rank10 {rank10:.2f}  mAP {mAP:.2f}  "
@@ -183,7 +190,7 @@ def validate_stage1_prompts(clip_model: nn.Module, prompt_learner, image_feats: 
     prompt_learner.train(was_training)
     image = image_feats.to(text.device).float()
     dist = -(image @ text.t()) if raw_dot else cosine_distance(image, text)
-    result = _percent(reid_metrics(dist, labels.cpu().numpy(), np.arange(text.shape[0]), max_rank=max_rank))
+    result = as_percent(reid_metrics(dist, labels.cpu().numpy(), np.arange(text.shape[0]), max_rank=max_rank))
     if log is not None:
         log("prompt retrieval: rank1 {rank1:.2f}  mAP {mAP:.2f}".format(**result))
     return result
@@ -226,7 +233,7 @@ def evaluate_splits(clip_model: nn.Module, splits: dict[int, tuple[list, list]],
         q_cams = np.asarray([r.camid for r in query]) if cams else None
         g_cams = np.asarray([r.camid for r in gallery]) if cams else None
         metrics = reid_metrics(dist, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
-        results[split] = _percent(metrics) | {"cmc": metrics["cmc"] * 100.0, "ap": metrics["ap"] * 100.0}
+        results[split] = as_percent(metrics) | {"cmc": metrics["cmc"] * 100.0, "ap": metrics["ap"] * 100.0}
         if split == ranked_split:
             results[split]["ranked"] = top_matches(dist, q_pids, g_pids, q_cams, g_cams, top)
     return results

@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -320,29 +321,14 @@ class PromptLearner(nn.Module):
         super().__init__()
         self.classnames = list(classnames)
         self.n_ctx = n_ctx
-        tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.get_tokenizer("ViT-B-16")
-        context_length = int(clip_model.positional_embedding.shape[0])
         body = prompt_template.format(aspect=aspect).strip()
-        text = f"{PROMPT_PREFIX} {' '.join(['X'] * n_ctx)} {body}.".replace("  ", " ")
-        n_prefix = _n_tokens(tokenizer, PROMPT_PREFIX)
-        needed = _n_tokens(tokenizer, text) + 2  # start and end of text
-        if needed > context_length:
-            raise ConfigError(f"n_ctx: the prompt needs {needed} tokens with n_ctx={n_ctx}, more than CLIP's "
-                              f"context of {context_length}; lower n_ctx or shorten prompt_template")
-        self.prompt_text = text
-        tokens = tokenizer([text])[:, :context_length]
-        self.register_buffer("tokens", tokens, persistent=False)
-        # The causal mask makes the end-of-text feature depend only on the tokens up to it, so
-        # the text transformer runs on that many positions instead of the full 77.
-        self.eot_index = int(tokens.argmax(-1).item())
-        width = clip_model.token_embedding.weight.shape[1]
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(tokens.to(clip_model.token_embedding.weight.device))
-        start = 1 + n_prefix
-        self.register_buffer("token_prefix", embedding[:, :start].detach().clone().cpu(), persistent=False)
-        self.register_buffer("token_suffix", embedding[:, start + n_ctx:self.eot_index + 1].detach().clone().cpu(),
-                             persistent=False)
-        ctx = torch.empty(len(self.classnames), n_ctx, width)
+        parts = slot_prompt(clip_model, model_name, body, n_ctx, "n_ctx", f"with n_ctx={n_ctx}",
+                            "lower n_ctx or shorten prompt_template")
+        self.prompt_text, self.eot_index = parts.text, parts.eot_index
+        self.register_buffer("tokens", parts.tokens, persistent=False)
+        self.register_buffer("token_prefix", parts.prefix, persistent=False)
+        self.register_buffer("token_suffix", parts.suffix, persistent=False)
+        ctx = torch.empty(len(self.classnames), n_ctx, parts.prefix.shape[-1])
         nn.init.normal_(ctx, std=0.02)
         self.ctx = nn.Parameter(ctx)
         self.to(clip_model.token_embedding.weight.device)
@@ -357,6 +343,43 @@ class PromptLearner(nn.Module):
         batch = ctx.shape[0]
         return torch.cat([self.token_prefix.expand(batch, -1, -1), ctx,
                           self.token_suffix.expand(batch, -1, -1)], dim=1)
+
+
+@dataclass(frozen=True)
+class SlotPrompt:
+    """``"A photo of a X ... X {body}."`` tokenized and embedded around its ``n_slots`` slots:
+    ``prefix`` (start token and "A photo of a"), ``suffix`` (the body, the full stop and the
+    end-of-text token, where the text path stops), both (1, L, width) on the CPU."""
+
+    text: str
+    tokens: torch.Tensor
+    eot_index: int
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+
+
+def slot_prompt(clip_model: nn.Module, model_name: str | None, body: str, n_slots: int, key: str = "n_ctx",
+                what: str = "", fix: str = "shorten the prompt") -> SlotPrompt:
+    """Build the prompt with ``n_slots`` learned (or computed) token embeddings after
+    "A photo of a"; ``n_slots`` 0 is the plain text. A prompt longer than CLIP's context is a
+    ConfigError naming ``key``. Shared by CLIP-ReID's class prompts and PromptSG's pseudo-token
+    prompt, so both take exactly CLIP's tokenization and embeddings."""
+    tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.get_tokenizer("ViT-B-16")
+    context_length = int(clip_model.positional_embedding.shape[0])
+    text = f"{PROMPT_PREFIX} {' '.join(['X'] * n_slots)} {body}.".replace("  ", " ")
+    needed = _n_tokens(tokenizer, text) + 2  # start and end of text
+    if needed > context_length:
+        raise ConfigError(f"{key}: the prompt needs {needed} tokens{' ' + what if what else ''}, more than CLIP's "
+                          f"context of {context_length}; {fix}")
+    tokens = tokenizer([text])[:, :context_length]
+    # The causal mask makes the end-of-text feature depend only on the tokens up to it, so
+    # the text transformer runs on that many positions instead of the full 77.
+    eot_index = int(tokens.argmax(-1).item())
+    with torch.no_grad():
+        embedding = clip_model.token_embedding(tokens.to(clip_model.token_embedding.weight.device))
+    start = 1 + _n_tokens(tokenizer, PROMPT_PREFIX)
+    return SlotPrompt(text, tokens, eot_index, embedding[:, :start].detach().clone().cpu(),
+                      embedding[:, start + n_slots:eot_index + 1].detach().clone().cpu())
 
 
 def _n_tokens(tokenizer, text: str) -> int:
@@ -421,4 +444,39 @@ def encode_image_parts(clip_model: nn.Module, images: torch.Tensor) -> tuple[tor
         pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
         return pooled, (pooled @ visual.proj if visual.proj is not None else pooled)
     raise ConfigError(f"test_feature: proj_and_pre_proj needs an open_clip ViT or ModifiedResNet image tower, "
+                      f"not {type(visual).__name__}")
+
+
+def encode_image_tokens(clip_model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global feature (B, embed_dim), local tokens (B, N, embed_dim)), unnormalised, both in
+    CLIP's joint embedding space. ViT: the pooled class token and the patch tokens, each after
+    ln_post and the projection (open_clip leaves the patch tokens unprojected). ModifiedResNet
+    (RN50): the attention pool run with every position as a query (the mean token's output is
+    ``encode_image``'s feature), giving the H/32 x W/32 positions their pooled, projected
+    features. The global feature equals ``encode_images``."""
+    visual = clip_model.visual
+    if _is_modified_resnet(visual):
+        x = visual.stem(images)
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        pool = visual.attnpool
+        x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :].to(x.dtype)
+        out, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+            out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=pool.training,
+            need_weights=False)
+        out = out.permute(1, 0, 2)  # (B, 1 + HW, embed_dim)
+        return out[:, 0], out[:, 1:]
+    if hasattr(visual, "_embeds") and hasattr(visual, "_pool") and hasattr(visual, "proj"):
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+            raise ConfigError("stage_mode: promptsg needs an open_clip ViT whose patch tokens pass ln_post like its "
+                              "class token (not an attention-pooled or final-LN-after-pool tower)")
+        pooled, tokens = visual._pool(visual.transformer(visual._embeds(images)))
+        if visual.proj is not None:
+            pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+        return pooled, tokens
+    raise ConfigError(f"stage_mode: promptsg needs an open_clip ViT or ModifiedResNet image tower, "
                       f"not {type(visual).__name__}")

@@ -34,14 +34,19 @@ from .model import PromptLearner, load_clip_with_patch, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
                      train_clipreid_prompt_stage)
 from .tracking import NullTracker, RunStopped, Tracker, run_params
+from .methods.promptsg import STEP_KEYS as PROMPTSG_STEP_KEYS
+from .methods.promptsg import PromptSGSettings, register_promptsg, train_promptsg_stage
 
 LOSS_KEYS = ["loss", "id_loss", "tri_loss", "center_loss", "i2t_loss", "t2i_loss", "feat_norm", "arc_conf", "lr"]
 PROMPT_KEYS = ["prompt_loss", "i2t_loss", "t2i_loss", "prompt_norm", "prompt_var", "prompt_class_var", "prompt_grad",
                "logits_std"]
 EVAL_KEYS = ["rank1", "rank5", "rank10", "mAP", "prompt_rank1", "prompt_mAP"]
 TEST_KEYS = [f"{prefix}{k}" for prefix in ("test_", "final_test_") for k in ("rank1", "rank5", "rank10", "mAP", "mINP")]
+PROMPTSG_KEYS = [*PROMPTSG_STEP_KEYS, "composed_mAP", "simplified_mAP", "global_mAP", "prompt_sensitivity"]
+PROMPTSG_TEST_KEYS = [f"{prefix}{k}" for prefix in ("test_", "final_test_")
+                      for k in ("composed_mAP", "simplified_mAP", "global_mAP", "prompt_sensitivity")]
 END_KEYS = ["best_rank1", "best_mAP", "best_mINP", "best_epoch", "prompt_rank1", "prompt_mAP", *TEST_KEYS,
-            "prompt_stage_seconds", "image_stage_seconds", "total_seconds"]
+            *PROMPTSG_TEST_KEYS, "prompt_stage_seconds", "image_stage_seconds", "total_seconds"]
 
 
 def select_device(name: str) -> torch.device:
@@ -257,7 +262,7 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
         result.update(run_id=run_id, run_dir=str(run_dir))
         tracker.log_metrics({k: result[k] for k in END_KEYS if result.get(k) is not None}, step=0)
         for name, keys in ((f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_prompt.png", PROMPT_KEYS),
-                           (f"{stem}_metrics.png", EVAL_KEYS)):
+                           (f"{stem}_metrics.png", EVAL_KEYS), (f"{stem}_promptsg.png", PROMPTSG_KEYS)):
             plot = save_curves(tracker.history, run_dir / name, keys, stem)
             if plot is not None:
                 tracker.log_artifact(plot, "plots")
@@ -304,7 +309,15 @@ def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callab
     feat_dim = register_bnneck_and_arcface(clip_model, data.num_classes, cfg.image_size, cfg.arcface_scale,
                                            cfg.arcface_margin, id_head=cfg.id_head,
                                            pre_proj_branch=cfg.test_feature == "proj_and_pre_proj")
+    if cfg.stage_mode == "promptsg":
+        register_promptsg(clip_model, cfg, feat_dim)
     return loaders, clip_model, prompt_learner, feat_dim
+
+
+def feature_spec(cfg: Config):
+    """The test-time feature of ``cfg``'s method (``evaluation.FeatureSpec``)."""
+    settings = PromptSGSettings if cfg.stage_mode == "promptsg" else ImageStageSettings
+    return settings.from_config(cfg).feature_spec
 
 
 def load_data(cfg: Config) -> ReIDData:
@@ -334,7 +347,7 @@ def evaluate_test_splits(cfg: Config, clip_model, device: torch.device, splits: 
                            num_workers=cfg.num_workers, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
                            pin_memory=device.type == "cuda")
 
-    spec = ImageStageSettings.from_config(cfg).feature_spec
+    spec = feature_spec(cfg)
     results = evaluate_splits(clip_model, records, loader_for, device, spec, amp=cfg.amp, flip=flip,
                               max_rank=cfg.max_rank, ranked_split=splits[0])
     summary = mean_and_std(results, SPLIT_KEYS)
@@ -416,8 +429,9 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
                          "num_unmatched_query_ids": len(unmatched), "num_val_query": len(data.val_query),
                          "num_val_gallery": len(data.val_gallery)}, step=0)
     loaders, clip_model, prompt_learner, feat_dim = build_model_and_loaders(cfg, data, device, log)
+    prompt_text = clip_model.promptsg.composed_text if cfg.stage_mode == "promptsg" else prompt_learner.prompt_text
     log(f"model: {cfg.model_type} (pretrained={cfg.pretrained}) at {cfg.image_size[0]}x{cfg.image_size[1]}, "
-        f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_learner.prompt_text}', device {device}")
+        f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_text}', device {device}")
     metadata = {"architecture": cfg.model_type, "feat_dim": feat_dim, "num_classes": data.num_classes,
                 "classnames": data.classnames, "config": cfg.to_dict(), "config_hash": cfg.hash(),
                 "stage_mode": cfg.stage_mode, "run_id": run_id}
@@ -461,11 +475,16 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
                 written.extend([path, path.with_name(path.stem + "_prompt.pth")])
             return path
 
-        image = train_clipreid_image_stage(
-            clip_model, prompt_learner if cfg.stage_mode == "prompt_then_image" or not cfg.freeze_prompt else None,
-            loaders, ImageStageSettings.from_config(cfg), device, tracker, log, report,
-            checkpoint_path if cfg.save_checkpoints else None, metadata, start_step=step,
-            resume_from=last_path if resume_image else None)
+        saves = checkpoint_path if cfg.save_checkpoints else None
+        resume_from = last_path if resume_image else None
+        if cfg.stage_mode == "promptsg":
+            image = train_promptsg_stage(clip_model, loaders, PromptSGSettings.from_config(cfg), device, tracker, log,
+                                         report, saves, metadata, start_step=step, resume_from=resume_from)
+        else:
+            image = train_clipreid_image_stage(
+                clip_model, prompt_learner if cfg.stage_mode == "prompt_then_image" or not cfg.freeze_prompt else None,
+                loaders, ImageStageSettings.from_config(cfg), device, tracker, log, report, saves, metadata,
+                start_step=step, resume_from=resume_from)
         last_path.unlink(missing_ok=True)  # FINAL holds the same state; LAST only serves resuming
         result.update({k: v for k, v in image.items() if k not in ("steps", "seconds")})
         result["image_stage_seconds"] = image["seconds"]

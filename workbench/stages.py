@@ -190,7 +190,7 @@ class ImageStageSettings:
         return FeatureSpec(neck=self.eval_neck, normalized=self.train_feature == "normalized", pre_proj=self.pre_proj)
 
 
-def _logit_scale(clip_model: nn.Module, fixed: float | None) -> torch.Tensor | float:
+def logit_scale_of(clip_model: nn.Module, fixed: float | None) -> torch.Tensor | float:
     return fixed if fixed is not None else clip_model.logit_scale.detach().exp()
 
 
@@ -227,7 +227,7 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
     optimizer = torch.optim.Adam(prompt_learner.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min,
                                 settings.warmup_factor)
-    scale = 1.0 if raw_dot else _logit_scale(clip_model, settings.logit_scale)
+    scale = 1.0 if raw_dot else logit_scale_of(clip_model, settings.logit_scale)
     buffer = StepMetrics(tracker, "prompt")
     n = image_feats.shape[0]
     batches = math.ceil(n / settings.batch_size)  # the last, partial batch too (as the official code)
@@ -309,22 +309,29 @@ def _image_stage_trainables(clip_model: nn.Module, prompt_learner: nn.Module | N
     return params
 
 
-def _param_groups(clip_model: nn.Module, prompt_learner: nn.Module | None, params: list[nn.Parameter],
-                  settings: ImageStageSettings) -> list[dict]:
-    """Adam parameter groups: biases get lr x bias_lr_factor and weight_decay_bias (the official
-    make_optimizer_2stage); everything else lr and weight_decay."""
+def param_groups(named: list[tuple[str, nn.Parameter]], params: list[nn.Parameter], lr: float, weight_decay: float,
+                 bias_lr_factor: float = 1.0, weight_decay_bias: float | None = None) -> list[dict]:
+    """Adam parameter groups of ``params`` (named by ``named``): biases get lr x bias_lr_factor and
+    weight_decay_bias (the official make_optimizer_2stage); everything else lr and weight_decay."""
     wanted = {id(p) for p in params}
-    named = list(clip_model.named_parameters())
-    if prompt_learner is not None:
-        named += [(f"prompt_learner.{n}", p) for n, p in prompt_learner.named_parameters()]
     bias = [p for n, p in named if id(p) in wanted and "bias" in n]
     bias_ids = {id(p) for p in bias}
     rest = [p for p in params if id(p) not in bias_ids]
-    groups = [{"params": rest, "lr": settings.lr, "weight_decay": settings.weight_decay}]
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
     if bias:
-        decay = settings.weight_decay if settings.weight_decay_bias is None else settings.weight_decay_bias
-        groups.append({"params": bias, "lr": settings.lr * settings.bias_lr_factor, "weight_decay": decay})
+        decay = weight_decay if weight_decay_bias is None else weight_decay_bias
+        groups.append({"params": bias, "lr": lr * bias_lr_factor, "weight_decay": decay})
     return groups
+
+
+def _param_groups(clip_model: nn.Module, prompt_learner: nn.Module | None, params: list[nn.Parameter],
+                  settings: ImageStageSettings) -> list[dict]:
+    """The image stage's Adam groups (``param_groups`` over CLIP and the prompt learner)."""
+    named = list(clip_model.named_parameters())
+    if prompt_learner is not None:
+        named += [(f"prompt_learner.{n}", p) for n, p in prompt_learner.named_parameters()]
+    return param_groups(named, params, settings.lr, settings.weight_decay, settings.bias_lr_factor,
+                        settings.weight_decay_bias)
 
 
 def eval_splits(loaders) -> tuple[EvalSplit, EvalSplit]:
@@ -344,6 +351,93 @@ def eval_splits(loaders) -> tuple[EvalSplit, EvalSplit]:
 
 
 METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+class Selection:
+    """The per-epoch bookkeeping every ReID training stage shares: validation numbers to the
+    tracker, BEST chosen on the selection split's ``select_metric``, BEST and LAST checkpoints,
+    pruning reports, and at the end the one evaluation of BEST and FINAL on the test split.
+
+    ``save(tag, epoch)`` writes a checkpoint (None: nothing is saved); ``progress(step,
+    start_step)`` is what a checkpoint's metadata records so that a resumed stage goes on
+    exactly (``resume``)."""
+
+    def __init__(self, name: str, select: str, split: EvalSplit, tracker: Tracker, log: Log, epochs: int):
+        self.name, self.select, self.split, self.tracker, self.log = name, select, split, tracker, log
+        self.epochs = epochs
+        self.best = {k: (-1.0 if k == select else 0.0) for k in METRIC_KEYS}
+        self.best_state: dict | None = None
+        self.best_epoch = 0
+        self.metrics: dict = {}
+        self.train_loss = float("nan")
+
+    def resume(self, state: dict) -> tuple[int, int, int]:
+        """Take a LAST checkpoint's bookkeeping; return (first epoch, global step, stage start step)."""
+        progress = state["metadata"]["progress"]
+        self.best_epoch, self.best = progress["best_epoch"], dict(progress["best"])
+        self.metrics, self.train_loss = dict(state["val_metrics"]), state["train_loss"]
+        step = progress["global_step"]
+        return state["epoch"], step, step - progress["stage_steps"]
+
+    def progress(self, step: int, start_step: int) -> dict:
+        return {"global_step": step, "stage_steps": step - start_step, "best": self.best,
+                "best_epoch": self.best_epoch}
+
+    @property
+    def val_metrics(self) -> dict:
+        return {k: v for k, v in self.metrics.items() if k != "num_valid_q"}
+
+    def end_epoch(self, epoch: int, first: bool, lr: float, train_loss: float, metrics: dict, model: nn.Module,
+                  save: Callable[[str, int], None] | None, report: Report | None, extra: dict | None = None) -> None:
+        """Log epoch ``epoch`` (0-based) validation ``metrics`` (plus ``extra`` numbers), keep BEST,
+        write BEST and LAST, and report to the pruner."""
+        self.metrics, self.train_loss = metrics, train_loss
+        self.tracker.log_metrics({k: metrics[k] for k in METRIC_KEYS} | {"epoch_loss": train_loss} | (extra or {}),
+                                 step=epoch + 1)
+        self.tracker.flush()
+        split = self.split
+        if first:
+            self.tracker.log_metrics({"num_valid_selection_query": metrics["num_valid_q"]}, step=0)
+            if metrics["num_valid_q"] < len(split.q_pids):
+                self.log(f"{split.name}: {metrics['num_valid_q']} of {len(split.q_pids)} queries have a match left "
+                         f"once same-identity same-camera gallery images are removed; the others are skipped")
+        improved = metrics[self.select] > self.best[self.select]
+        self.log(f"{self.name} epoch {epoch + 1}/{self.epochs}: loss {train_loss:.4f} lr {lr:.2e} | {split.name} rank1 "
+                 f"{metrics['rank1']:.2f} rank5 {metrics['rank5']:.2f} rank10 {metrics['rank10']:.2f} "
+                 f"mAP {metrics['mAP']:.2f}" + ("  (best)" if improved else ""))
+        if improved:
+            self.best, self.best_epoch = {k: float(v) for k, v in metrics.items()}, epoch + 1
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if save is not None:
+                save("BEST", epoch + 1)
+        if save is not None:
+            save("LAST", epoch + 1)  # what a resumed run starts from
+        if report is not None:
+            report(epoch + 1, metrics)
+
+    def finish(self, model: nn.Module, test: Callable[[], dict], best_path: Path | None, device: torch.device,
+               seconds: float, steps: int) -> dict:
+        """Evaluate FINAL (the model as it is) and BEST on the test split once (``test()`` ranks
+        it with the model's current weights); return the stage's result."""
+        final_test = test()
+        if self.best_state is None and self.best_epoch and best_path is not None:  # resumed: BEST is on disk
+            self.best_state = load_checkpoint(best_path, model=model, device=device,
+                                              restore_rng=False)["model_state_dict"]
+        if self.best_state is not None and self.best_epoch != self.epochs:
+            model.load_state_dict(self.best_state)
+            best_test = test()
+        else:
+            best_test = final_test
+        best, metrics = self.best, self.metrics
+        self.log(f"test split: BEST (epoch {self.best_epoch}, selected on {self.split.name} {self.select}) rank1 "
+                 f"{best_test['rank1']:.2f} mAP {best_test['mAP']:.2f} mINP {best_test['mINP']:.2f} | FINAL rank1 "
+                 f"{final_test['rank1']:.2f} mAP {final_test['mAP']:.2f} mINP {final_test['mINP']:.2f}")
+        return {"best_rank1": best["rank1"], "best_mAP": best["mAP"], "best_rank5": best["rank5"],
+                "best_rank10": best["rank10"], "best_mINP": best.get("mINP", 0.0), "best_epoch": self.best_epoch,
+                **{f"final_{k}": metrics[k] for k in METRIC_KEYS},
+                **{f"test_{k}": best_test[k] for k in METRIC_KEYS},
+                **{f"final_test_{k}": final_test[k] for k in METRIC_KEYS},
+                "selection": self.split.name, "steps": steps, "seconds": seconds}
 
 
 def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module | None, loaders,
@@ -373,22 +467,17 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
     selection, test = eval_splits(loaders)
-    select = settings.select_metric
-    best = {k: (-1.0 if k == select else 0.0) for k in METRIC_KEYS}
-    best_state: dict | None = None
-    best_epoch, step, metrics, first_epoch, train_loss = 0, start_step, {}, 0, float("nan")
+    book = Selection("image", settings.select_metric, selection, tracker, log, settings.epochs)
+    step, first_epoch = start_step, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
                                 scheduler=scheduler, prompt_learner=prompt_learner,
                                 extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
                                 log=log)
-        progress = state["metadata"]["progress"]
-        first_epoch, step, best_epoch = state["epoch"], progress["global_step"], progress["best_epoch"]
-        best, metrics, train_loss = dict(progress["best"]), dict(state["val_metrics"]), state["train_loss"]
-        start_step = step - progress["stage_steps"]
+        first_epoch, step, start_step = book.resume(state)
         log(f"resuming the image stage after epoch {first_epoch} (global step {step})")
     raw_dot = settings.i2t_logit_mode == "raw_dot"
-    scale = 1.0 if raw_dot else _logit_scale(clip_model, settings.logit_scale)
+    scale = 1.0 if raw_dot else logit_scale_of(clip_model, settings.logit_scale)
     normalized = settings.train_feature == "normalized"
     all_classes = settings.i2t_mode == "all_classes"
     weights = settings.loss_weights
@@ -406,13 +495,11 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     spec = settings.feature_spec
 
     def save(tag: str, epoch: int) -> None:
-        progress = {"global_step": step, "stage_steps": step - start_step, "best": best, "best_epoch": best_epoch}
         save_checkpoint(checkpoint_path(tag), model=clip_model, optimizer=optimizer, scheduler=scheduler,
                         classifier=branches[0][1], prompt_learner=prompt_learner,
                         extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
-                        metadata={**(metadata or {}), "stage": "image", "progress": progress}, epoch=epoch,
-                        train_loss=train_loss,
-                        val_metrics={k: v for k, v in metrics.items() if k != "num_valid_q"}, tag=tag,
+                        metadata={**(metadata or {}), "stage": "image", "progress": book.progress(step, start_step)},
+                        epoch=epoch, train_loss=book.train_loss, val_metrics=book.val_metrics, tag=tag,
                         log=log if tag != "LAST" else None, prompt_file=tag != "LAST")
 
     for epoch in range(first_epoch, settings.epochs):
@@ -476,47 +563,13 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                                 tri=f"{last['tri_loss']:.3f}", cen=f"{last['center_loss']:.1f}",
                                 feat_n=f"{last['feat_norm']:.2f}", arc_c=f"{last['arc_conf']:.2f}")
         buffer.flush()
-        train_loss = float(epoch_loss) / max(1, batches)
         scheduler.step()
         metrics = validate(clip_model, selection, device, spec, max_rank=settings.max_rank, amp=settings.amp)
-        tracker.log_metrics({k: metrics[k] for k in METRIC_KEYS} | {"epoch_loss": train_loss}, step=epoch + 1)
-        tracker.flush()
-        if epoch == first_epoch:
-            tracker.log_metrics({"num_valid_selection_query": metrics["num_valid_q"]}, step=0)
-            if metrics["num_valid_q"] < len(selection.q_pids):
-                log(f"{selection.name}: {metrics['num_valid_q']} of {len(selection.q_pids)} queries have a match left "
-                    f"once same-identity same-camera gallery images are removed; the others are skipped")
-        improved = metrics[select] > best[select]
-        log(f"image epoch {epoch + 1}/{settings.epochs}: loss {train_loss:.4f} lr {lr:.2e} | {selection.name} rank1 "
-            f"{metrics['rank1']:.2f} rank5 {metrics['rank5']:.2f} rank10 {metrics['rank10']:.2f} "
-            f"mAP {metrics['mAP']:.2f}" + ("  (best)" if improved else ""))
-        if improved:
-            best, best_epoch = {k: float(v) for k, v in metrics.items()}, epoch + 1
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in clip_model.state_dict().items()}
-            if checkpoint_path is not None:
-                save("BEST", epoch + 1)
-        if checkpoint_path is not None:
-            save("LAST", epoch + 1)  # what a resumed run starts from
-        if report is not None:
-            report(epoch + 1, metrics)
+        book.end_epoch(epoch, epoch == first_epoch, lr, float(epoch_loss) / max(1, batches), metrics, clip_model,
+                       save if checkpoint_path is not None else None, report)
     if checkpoint_path is not None:
         save("FINAL", settings.epochs)
-    seconds = time.perf_counter() - started
-    final_test = validate(clip_model, test, device, spec, max_rank=settings.max_rank, amp=settings.amp)
-    if best_state is None and best_epoch and checkpoint_path is not None:  # resumed: BEST is on disk
-        best_state = load_checkpoint(checkpoint_path("BEST"), model=clip_model, device=device,
-                                     restore_rng=False)["model_state_dict"]
-    if best_state is not None and best_epoch != settings.epochs:
-        clip_model.load_state_dict(best_state)
-        best_test = validate(clip_model, test, device, spec, max_rank=settings.max_rank, amp=settings.amp)
-    else:
-        best_test = final_test
-    log(f"test split: BEST (epoch {best_epoch}, selected on {selection.name} {select}) rank1 {best_test['rank1']:.2f} "
-        f"mAP {best_test['mAP']:.2f} mINP {best_test['mINP']:.2f} | FINAL rank1 {final_test['rank1']:.2f} "
-        f"mAP {final_test['mAP']:.2f} mINP {final_test['mINP']:.2f}")
-    return {"best_rank1": best["rank1"], "best_mAP": best["mAP"], "best_rank5": best["rank5"],
-            "best_rank10": best["rank10"], "best_mINP": best.get("mINP", 0.0), "best_epoch": best_epoch,
-            **{f"final_{k}": metrics[k] for k in METRIC_KEYS},
-            **{f"test_{k}": best_test[k] for k in METRIC_KEYS},
-            **{f"final_test_{k}": final_test[k] for k in METRIC_KEYS},
-            "selection": selection.name, "steps": step - start_step, "seconds": seconds}
+    return book.finish(clip_model, lambda: validate(clip_model, test, device, spec, max_rank=settings.max_rank,
+                                                    amp=settings.amp),
+                       checkpoint_path("BEST") if checkpoint_path is not None else None, device,
+                       time.perf_counter() - started, step - start_step)

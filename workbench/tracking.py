@@ -513,7 +513,7 @@ def run_params(cfg: Config) -> dict[str, Any]:
 def runs_table(tracking_uri: str, experiment: str | None = None, study: str | None = None,
                metric: str = "best_mAP"):
     """Runs as a pandas DataFrame, sorted by ``metric`` (best first): run name and id, status,
-    trial number, the tuned parameters, rank-k and mAP. ``experiment`` None means all
+    method (stage_mode), trial number, the tuned parameters, rank-k and mAP. ``experiment`` None means all
     experiments; ``study`` keeps the trials of one study."""
     import mlflow
 
@@ -533,7 +533,8 @@ def runs_table(tracking_uri: str, experiment: str | None = None, study: str | No
         frame = frame[frame.get("tags.study_name") == study]
     if frame.empty:
         return frame
-    wanted = ["tags.mlflow.runName", "run_id", "status", "tags.trial_number", "tags.state", "params.n_ctx",
+    wanted = ["tags.mlflow.runName", "run_id", "status", "tags.stage_mode", "tags.trial_number", "tags.state",
+              "params.n_ctx",
               "params.lr", "params.center_loss_weight", f"metrics.{metric}", "metrics.best_rank1", "metrics.best_mAP",
               "metrics.test_rank1", "metrics.test_mAP", "tags.selection"]
     columns = list(dict.fromkeys(c for c in wanted if c in frame.columns))
