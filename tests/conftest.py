@@ -24,3 +24,25 @@ def tiny_config(synth_root, tmp_path) -> config.Config:
         f"data_root={synth_root}", f"output_dir={tmp_path / 'runs'}", "synthesize_if_missing=false",
         "epochs_prompt=2", "epochs_image=2", "batch_size=8", "num_instances=2", "log_every=2",
         "test_batch_size=32", "device=cpu", "image_size=[64, 32]", "val_identities=2"])
+
+
+def _interrupted_run(cfg, tracker=None, at_epoch: int = 1) -> Path:
+    """The run folder of ``cfg`` interrupted (Ctrl-C) after its ``at_epoch``-th image epoch."""
+    from workbench.runner import train_joint
+
+    def stop(epoch, metrics):
+        if epoch == at_epoch:
+            raise KeyboardInterrupt
+
+    before = set(Path(cfg.output_dir).iterdir()) if Path(cfg.output_dir).is_dir() else set()
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(cfg, tracker, report=stop)
+    (run_dir,) = set(Path(cfg.output_dir).iterdir()) - before
+    return run_dir
+
+
+@pytest.fixture
+def interrupted_run():
+    """``interrupted_run(cfg, tracker=None, at_epoch=1)``: run ``cfg`` until Ctrl-C after that
+    image epoch; returns the new run folder."""
+    return _interrupted_run

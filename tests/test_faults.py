@@ -39,18 +39,6 @@ def runs_of(uri, experiment="quickstart"):
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
-def interrupted_run(cfg, tracker=None) -> Path:
-    """The run folder of ``cfg`` interrupted (Ctrl-C) after its first image epoch."""
-    def stop(epoch, metrics):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_joint(cfg, tracker, report=stop)
-    (run_dir,) = Path(cfg.output_dir).iterdir()
-    return run_dir
-
-
 # ---------------------------------------------------------------- the tracking store
 @pytest.mark.parametrize("uri, expected, status", [
     ("bogus://nowhere", "unknown scheme bogus://", 2),  # the URI given is wrong: exit 2
@@ -177,7 +165,7 @@ def test_a_full_disk_ends_in_one_line_with_no_torn_checkpoint(tiny_config, tmp_p
     assert [r.info.status for r in runs_of(uri)] == ["FAILED"]
 
 
-def test_resume_removes_the_temporaries_of_a_killed_save(tiny_config, tmp_path):
+def test_resume_removes_the_temporaries_of_a_killed_save(interrupted_run, tiny_config, tmp_path):
     cfg = config.replace(tiny_config, epochs_image=2)
     run_dir = interrupted_run(cfg)
     torn = run_dir / (next(run_dir.glob("*_LAST.pth")).name + ".abc123.tmp")
@@ -216,7 +204,7 @@ def test_stale_runs_are_marked_killed_and_live_ones_kept(tmp_path):
     assert stale_reason(client.get_run(ids["alive"]), two_hours_on) is None
 
 
-def test_resume_after_sigkill_closes_the_stale_run_and_continues_it(tiny_config, tmp_path, capsys):
+def test_resume_after_sigkill_closes_the_stale_run_and_continues_it(interrupted_run, tiny_config, tmp_path, capsys):
     import json
 
     uri = f"sqlite:///{tmp_path / 'kill.db'}"
@@ -471,7 +459,7 @@ def test_a_real_tracking_server_going_away_and_coming_back(tiny_config, tmp_path
                 stop_server(server)
 
 
-def test_resume_looks_before_it_reopens_the_run(tiny_config, tmp_path, capsys):
+def test_resume_looks_before_it_reopens_the_run(interrupted_run, tiny_config, tmp_path, capsys):
     """A torn LAST checkpoint, a store without the run, a tuning trial: refused, the record untouched."""
     import json
     import shutil

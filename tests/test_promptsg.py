@@ -1,7 +1,6 @@
 """PromptSG: the modules, the pseudo-token prompt, what trains, validate_promptsg, a tracked run,
 checkpoints, resume, eval and tuning, on the tiny CLIP and the synthetic hands (CPU)."""
 import math
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -217,18 +216,11 @@ def test_promptsg_run_logs_every_diagnostic_and_eval_reproduces_it(psg_config, t
     assert f"rank1 {result['test_rank1']:.2f}" in printed and f"mAP {result['test_mAP']:.2f}" in printed
 
 
-def test_interrupted_promptsg_run_resumes_to_the_same_numbers(psg_config, tmp_path, capsys):
+def test_interrupted_promptsg_run_resumes_to_the_same_numbers(interrupted_run, psg_config, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'resume.db'}"
     cfg = config.replace(psg_config, epochs_image=3)
     reference = train_joint(cfg, MlflowTracker(uri))
-
-    def interrupt(epoch, metrics):
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_joint(cfg, MlflowTracker(uri), report=interrupt)
-    (run_dir,) = [d for d in Path(cfg.output_dir).iterdir() if str(d) != reference["run_dir"]]
+    run_dir = interrupted_run(cfg, MlflowTracker(uri), at_epoch=2)
     assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 0
     client = MlflowClient(uri)
     (resumed,) = [r for r in client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])

@@ -182,18 +182,11 @@ def test_a_fault_during_a_run_is_one_line_exit_1_and_a_failed_run(synth_root, ti
     assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
-def test_interrupted_run_resumes_to_the_same_numbers(tiny_config, tmp_path, capsys):
+def test_interrupted_run_resumes_to_the_same_numbers(interrupted_run, tiny_config, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'resume.db'}"
     cfg = config.replace(tiny_config, epochs_image=3)
     reference = train_joint(cfg, MlflowTracker(uri))
-
-    def interrupt(epoch, metrics):
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_joint(cfg, MlflowTracker(uri), report=interrupt)
-    (run_dir,) = [d for d in Path(cfg.output_dir).iterdir() if str(d) != reference["run_dir"]]
+    run_dir = interrupted_run(cfg, MlflowTracker(uri), at_epoch=2)
     client = MlflowClient(uri)
     killed = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],
                                 "attributes.status = 'KILLED'")

@@ -85,9 +85,23 @@ class StepMetrics:
     def __init__(self, tracker: Tracker, stage: str):
         self.tracker, self.stage = tracker, stage
         self.rows: list[tuple[int, dict]] = []
+        self._epoch_sum: torch.Tensor | None = None
+        self._epoch_steps = 0
 
     def add(self, step: int, values: dict) -> None:
+        """Keep one step's numbers; its ``loss`` also counts toward ``epoch_loss``."""
         self.rows.append((step, values))
+        loss = values.get("loss")
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+            self._epoch_sum = loss if self._epoch_sum is None else self._epoch_sum + loss
+            self._epoch_steps += 1
+
+    def epoch_loss(self) -> float:
+        """Mean ``loss`` of the steps added since the last call (NaN for none); starts a new epoch."""
+        value = float(self._epoch_sum) / self._epoch_steps if self._epoch_steps else float("nan")
+        self._epoch_sum, self._epoch_steps = None, 0
+        return value
 
     def flush(self) -> dict[str, float]:
         if not self.rows:
@@ -508,8 +522,6 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
         if prompt_learner is not None:
             prompt_learner.train()
         lr = optimizer.param_groups[0]["lr"]
-        epoch_loss = torch.zeros((), device=device)
-        batches = 0
         bar = tqdm(loaders.train, desc=f"image stage {epoch + 1}/{settings.epochs}", unit="batch",
                    dynamic_ncols=True, leave=False)
         for images, labels, _, _ in bar:
@@ -554,8 +566,6 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                        "feat_norm": feats_bn[0].detach().float().norm(dim=1).mean(),
                        "arc_conf": logits[0].detach().float().softmax(1).amax(1).mean(), "lr": lr}
             buffer.add(step, row)
-            epoch_loss += loss.detach()
-            batches += 1
             step += 1
             if (step - start_step) % settings.log_every == 0:
                 last = buffer.flush()
@@ -565,7 +575,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
         buffer.flush()
         scheduler.step()
         metrics = validate(clip_model, selection, device, spec, max_rank=settings.max_rank, amp=settings.amp)
-        book.end_epoch(epoch, epoch == first_epoch, lr, float(epoch_loss) / max(1, batches), metrics, clip_model,
+        book.end_epoch(epoch, epoch == first_epoch, lr, buffer.epoch_loss(), metrics, clip_model,
                        save if checkpoint_path is not None else None, report)
     if checkpoint_path is not None:
         save("FINAL", settings.epochs)

@@ -380,8 +380,6 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
         loaders.sampler.set_epoch(epoch)
         clip_model.train()
         lr, lr_module = optimizer.param_groups[0]["lr"], optimizer.param_groups[module_group]["lr"]
-        epoch_loss = torch.zeros((), device=device)
-        batches = 0
         bar = tqdm(loaders.train, desc=f"promptsg {epoch + 1}/{settings.epochs}", unit="batch", dynamic_ncols=True,
                    leave=False)
         for images, labels, _, _ in bar:
@@ -408,8 +406,6 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
                 center.rescale_grad(settings.center_loss_weight)
                 optimizer_center.step()
             buffer.add(step, row)
-            epoch_loss += loss.detach()
-            batches += 1
             step += 1
             if (step - start_step) % settings.log_every == 0:
                 last = buffer.flush()
@@ -418,7 +414,7 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
         buffer.flush()
         scheduler.step()
         metrics = validate_promptsg(clip_model, selection, device, settings, classes)
-        book.end_epoch(epoch, epoch == first_epoch, lr, float(epoch_loss) / max(1, batches), metrics, clip_model,
+        book.end_epoch(epoch, epoch == first_epoch, lr, buffer.epoch_loss(), metrics, clip_model,
                        save if checkpoint_path is not None else None, report,
                        extra={k: metrics[k] for k in VALIDATION_KEYS if k in metrics})
         log(f"  composed mAP {metrics['composed_mAP']:.2f} | simplified mAP {metrics['simplified_mAP']:.2f} | "
