@@ -305,3 +305,16 @@ def test_a_kill_in_the_first_image_epoch_resumes_exactly(tiny_config, tmp_path):
     resumed = train_joint(cfg, NullTracker(), resume_dir=run_dir)
     for key in ("best_mAP", "final_mAP", "test_mAP", "final_test_mAP"):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-9), key
+
+
+def test_system_metrics_are_logged_beside_the_curves(tiny_config, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'system.db'}"
+    cfg = config.replace(tiny_config, stage_mode="prompt_only", epochs_prompt=3, system_metrics=True,
+                         system_metrics_interval=0.2)
+    result = train_joint(cfg, MlflowTracker(uri))
+    client = MlflowClient(uri)
+    history = client.get_metric_history(result["run_id"], "system/cpu_utilization_percentage")
+    assert history and all(0 <= m.value <= 100 * 64 for m in history)
+    assert "system/system_memory_usage_megabytes" in client.get_run(result["run_id"]).data.metrics
+    off = train_joint(config.replace(cfg, system_metrics=None), MlflowTracker(uri))  # null: on with CUDA only
+    assert not any(k.startswith("system/") for k in client.get_run(off["run_id"]).data.metrics)

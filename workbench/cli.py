@@ -417,7 +417,7 @@ def format_table(header: list[str], rows: list[list[str]], style: str = "text") 
 
 # Keys that change neither the model nor how it is evaluated.
 _BOOKKEEPING = {"experiment", "variant", "output_dir", "tracking_uri", "device", "log_every", "save_checkpoints",
-                "log_checkpoints", "num_workers", "test_batch_size", "tune"}
+                "log_checkpoints", "num_workers", "test_batch_size", "tune", "system_metrics", "system_metrics_interval"}
 
 
 def _warn_config_differences(trained: dict | None, cfg) -> None:

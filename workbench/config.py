@@ -62,7 +62,8 @@ _SPEC_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "
 # scored on different held-out identities, or by different metrics, are not comparable).
 _UNTUNABLE = {"tune", "experiment", "output_dir", "tracking_uri", "data_root", "device", "seed", "val_identities",
               "val_seed", "select_metric", "synthesize_if_missing", "synth_identities", "synth_test_identities",
-              "synth_images_per_identity", "split", "dataset_format"}
+              "synth_images_per_identity", "split", "dataset_format", "system_metrics",
+              "system_metrics_interval"}
 
 
 def _check_search_dimension(name: str, spec) -> None:
@@ -173,6 +174,10 @@ class Config:
     """Write BEST / FINAL checkpoints to disk."""
     log_checkpoints: bool = True
     """Also store the checkpoints as MLflow artifacts."""
+    system_metrics: Optional[bool] = None
+    """Log CPU, memory, disk and network use (GPU utilisation and memory with nvidia-ml-py) beside the curves (MLflow system metrics); null: on when training on CUDA."""
+    system_metrics_interval: float = 10.0
+    """Seconds between system-metric samples."""
 
     # --- data ---
     dataset: str = "11k"
@@ -440,6 +445,8 @@ class Config:
                 ("{aspect}" not in self.promptsg_template and self.aspect):
             bad("promptsg_template", f"{self.promptsg_template!r}: needs the {{aspect}} placeholder (and no other) "
                                      f"while aspect is {self.aspect!r}")
+        if self.system_metrics_interval <= 0:
+            bad("system_metrics_interval", f"must be positive, got {self.system_metrics_interval}")
         if self.promptsg_module_lr <= 0:
             bad("promptsg_module_lr", f"must be positive, got {self.promptsg_module_lr}")
         if self.promptsg_supcon_weight < 0:

@@ -232,6 +232,8 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
             if resume_dir is None:  # no run folder without its MLflow run
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
+        if cfg.system_metrics or (cfg.system_metrics is None and select_device(cfg.device).type == "cuda"):
+            stack.enter_context(tracker.system_metrics(cfg.system_metrics_interval))
         result = _tracked_run(cfg, tracker, report, run_dir, stem, run_id, feature_cache, keep_checkpoints,
                               resume=resume_dir is not None, new_run=previous_run_id is None,
                               hint_resume=(extra_tags or {}).get("workbench.role") != "trial")

@@ -7,6 +7,7 @@ call list for tests. Every tracker keeps the metric history for the end-of-run p
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -49,6 +50,7 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_dataset(self, name: str, source: str, digest: str, context: str) -> None: ...
     def flush(self) -> None: ...
+    def system_metrics(self, interval: float) -> contextlib.AbstractContextManager: ...
 
 
 class NullTracker:
@@ -83,6 +85,10 @@ class NullTracker:
 
     def flush(self) -> None:
         pass
+
+    def system_metrics(self, interval: float) -> contextlib.AbstractContextManager:
+        """Sample the machine's use into the current run while the context is open (a no-op here)."""
+        return contextlib.nullcontext()
 
 
 class RecordingTracker(NullTracker):
@@ -229,6 +235,27 @@ class MlflowTracker(NullTracker):
                 if not failed:  # a run's own failure is the more useful message; this one is in the log
                     raise TrackingError(message)
                 print(f"warning: {message}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def system_metrics(self, interval: float) -> Iterator[None]:
+        """MLflow's system metrics of the current run while the context is open: CPU, memory, disk
+        and network every ``interval`` seconds, and GPU utilisation and memory when nvidia-ml-py
+        (NVIDIA) or pyrsmi (AMD) is installed, as ``system/...`` (the UI's System metrics tab).
+        Without psutil, one warning line and nothing else."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as err:
+            print(f"warning: no system metrics ({err}); pip install psutil", file=sys.stderr)
+            yield
+            return
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, samples_before_logging=1,
+                                       resume_logging=True, tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def has_run(self, run_id: str) -> bool:
         try:
