@@ -1,3 +1,4 @@
+import open_clip
 import pytest
 import torch
 
@@ -224,3 +225,41 @@ def test_a_weights_file_loads_without_the_random_init_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load_clip_with_patch("wb-tiny", pretrained=str(path), image_size=(64, 32))
     assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_compiled_encoders_compute_what_eager_ones_do():
+    """compile: true changes speed, not numbers (forward and gradients), nor checkpoint names."""
+    import copy
+
+    from workbench.model import compile_encoders, encode_images, encode_prompt_embeddings
+
+    torch.manual_seed(0)
+    eager = load_clip_with_patch("wb-tiny", pretrained=None, image_size=(64, 32), freeze_all=False)
+    compiled = copy.deepcopy(eager)
+    compile_encoders(compiled)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    images = torch.randn(4, 3, 64, 32)
+    tokens = open_clip.get_tokenizer("wb-tiny")(["A photo of a dorsal right hand."])
+    embedded = eager.token_embedding(tokens)[:, :int(tokens.argmax(-1)) + 1].detach()
+    for model in (eager, compiled):
+        loss = encode_images(model, images).pow(2).mean() + encode_prompt_embeddings(model, embedded).sum()
+        loss.backward()
+    assert torch.allclose(encode_images(compiled, images), encode_images(eager, images), atol=1e-4)
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3), name
+
+
+def test_optimizer_state_from_another_device_keeps_this_devices_implementation():
+    from workbench.stages import adam, match_device
+
+    weights = torch.nn.Parameter(torch.ones(3))
+    optimizer = adam([weights], torch.device("cpu"), lr=0.1)
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["fused"] = True  # as a CUDA run writes it
+    optimizer.load_state_dict(saved)
+    match_device(optimizer, torch.device("cpu"))
+    weights.sum().backward()
+    optimizer.step()
+    assert optimizer.param_groups[0]["fused"] is None and weights[0].item() == pytest.approx(0.9)

@@ -168,6 +168,8 @@ class Config:
     """auto (cuda when available), cpu, cuda or cuda:N."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on the CPU)."""
+    compile: bool = False
+    """torch.compile the image encoder and the text transformer (fastest on CUDA; the first steps include compilation)."""
     log_every: int = 20
     """Steps between metric flushes and progress-bar updates (each costs one host sync)."""
     save_checkpoints: bool = True

@@ -248,6 +248,8 @@ def load_clip_with_patch(model_type: str, device: torch.device | str = "cpu", fr
     if resnet:
         resize_attnpool_pos_embed(model.visual, image_size)
     model.to(device)
+    if resnet and torch.device(device).type == "cuda":  # cuDNN's convolutions run fastest on NHWC
+        model.visual.to(memory_format=torch.channels_last)
     if freeze_all:
         freeze_entire_clip_model(model)
     return model
@@ -480,3 +482,16 @@ def encode_image_tokens(clip_model: nn.Module, images: torch.Tensor) -> tuple[to
         return pooled, tokens
     raise ConfigError(f"stage_mode: promptsg needs an open_clip ViT or ModifiedResNet image tower, "
                       f"not {type(visual).__name__}")
+
+
+def compile_encoders(clip_model: nn.Module, log: Callable[[str], None] | None = None) -> None:
+    """torch.compile, in place, the parts every training and evaluation path runs: the ViT's
+    transformer (or a ModifiedResNet's four stages) and the text transformer. The modules keep
+    their parameters and state-dict names (checkpoints are unchanged); compilation happens on
+    the first call of each input shape."""
+    visual = clip_model.visual
+    parts = [getattr(visual, f"layer{i}") for i in range(1, 5)] if _is_modified_resnet(visual) else [visual.transformer]
+    for module in [*parts, clip_model.transformer]:
+        module.compile()
+    _say(log, f"compiled the image encoder's {'stages' if len(parts) > 1 else 'transformer'} and the text "
+              f"transformer (torch.compile; the first steps include compilation)")

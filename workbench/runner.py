@@ -30,7 +30,7 @@ from .pictures import pick_queries, plot_cmc, plot_ranked_lists, save_curves
 from .checkpoint import (atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
                          remove_stale_temporaries)
 from .heads import register_bnneck_and_arcface
-from .model import PromptLearner, load_clip_with_patch, resolve_model_name
+from .model import PromptLearner, compile_encoders, load_clip_with_patch, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
                      train_clipreid_prompt_stage)
 from .tracking import NullTracker, RunStopped, Tracker, run_params
@@ -431,6 +431,8 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
                          "num_unmatched_query_ids": len(unmatched), "num_val_query": len(data.val_query),
                          "num_val_gallery": len(data.val_gallery)}, step=0)
     loaders, clip_model, prompt_learner, feat_dim = build_model_and_loaders(cfg, data, device, log)
+    if cfg.compile:
+        compile_encoders(clip_model, log)
     prompt_text = clip_model.promptsg.composed_text if cfg.stage_mode == "promptsg" else prompt_learner.prompt_text
     log(f"model: {cfg.model_type} (pretrained={cfg.pretrained}) at {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_text}', device {device}")

@@ -36,8 +36,8 @@ from ..heads import head_branches, head_parameters
 from ..losses import CenterLoss, LossSet, build_loss, id_loss, supcon_loss, triplet_loss
 from ..model import (encode_image_tokens, encode_prompt_embeddings, freeze_entire_clip_model,
                      image_encoder_parameters, resolve_model_name, slot_prompt, unfreeze_clip_image_encoder)
-from ..stages import (ImageStageSettings, Log, Report, Selection, StepMetrics, autocast_for, build_scheduler,
-                      eval_splits, param_groups, logit_scale_of)
+from ..stages import (ImageStageSettings, Log, Report, Selection, StepMetrics, adam, autocast_for, build_scheduler,
+                      eval_splits, logit_scale_of, match_device, param_groups)
 from ..tracking import Tracker
 
 PROMPTS = ("composed", "simplified")
@@ -340,9 +340,8 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
     named = list(clip_model.named_parameters())
     visual_groups = param_groups(named, params["visual"], settings.lr, settings.weight_decay,
                                  settings.bias_lr_factor, settings.weight_decay_bias)
-    optimizer = torch.optim.Adam(visual_groups + param_groups(named, params["modules"], settings.module_lr,
-                                                              settings.weight_decay, settings.bias_lr_factor,
-                                                              settings.weight_decay_bias))
+    optimizer = adam(visual_groups + param_groups(named, params["modules"], settings.module_lr, settings.weight_decay,
+                                                  settings.bias_lr_factor, settings.weight_decay_bias), device)
     scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min,
                                 settings.warmup_factor, settings.lr_schedule, settings.lr_steps, settings.lr_gamma)
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
@@ -355,6 +354,7 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
                                 scheduler=scheduler, extra_modules={"center_loss": center},
                                 extra_optimizers={"center": optimizer_center}, log=log)
+        match_device(optimizer, device)
         first_epoch, step, start_step = book.resume(state)
         log(f"resuming PromptSG after epoch {first_epoch} (global step {step})")
     log(f"PromptSG: composed prompt '{psg.composed_text}' (X = the image's pseudo-token), simplified "
