@@ -168,7 +168,7 @@ def test_loaders_expose_validation(synth_root):
 
 
 def test_pixel_mean_and_std(synth_root):
-    grey = Image.new("RGB", (32, 64), (51, 102, 204))
+    grey = torch.tensor([51, 102, 204], dtype=torch.uint8).view(3, 1, 1).expand(3, 64, 32)
     x = build_transforms((64, 32), False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(grey)
     assert torch.allclose(x[:, 0, 0], torch.tensor([-0.6, -0.2, 0.6]), atol=1e-5)
     kwargs = dict(image_size=(64, 32), batch_size=8, num_instances=2, test_batch_size=4, num_workers=0, seed=0)
@@ -277,3 +277,62 @@ def test_a_val_folder_of_one_image_per_training_identity(tmp_path, synth_root):
     assert data.val_source == "folder" and len(data.val_query) == len(first)
     assert {r.pid for r in data.val_gallery} == set(first)
     assert not {Path(r.path).name for r in data.val_query} & {Path(r.path).name for r in data.val_gallery}
+
+
+def _pil_pipeline(size, train):
+    """The former transforms: torchvision's PIL pipeline, the reference of the uint8 one."""
+    from torchvision import transforms as T
+
+    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+    if train:
+        steps += [T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(size)]
+    steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
+    if train:
+        steps.append(T.RandomErasing(p=0.5, value=0))
+    return T.Compose(steps)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_transforms_equal_the_pil_pipeline_bit_for_bit(synth_root, train):
+    from workbench.data import decode
+
+    paths = sorted(str(p) for p in (synth_root / "train").rglob("*.png"))[:24]
+    ours = build_transforms((64, 32), train)
+    reference = _pil_pipeline((64, 32), train)
+    for seed, path in enumerate(paths):
+        with Image.open(path) as img:
+            torch.manual_seed(seed)
+            expected = reference(img.convert("RGB"))
+        torch.manual_seed(seed)
+        assert torch.equal(ours(decode(path, (64, 32))), expected), path
+
+
+def test_cached_images_give_the_same_batches_as_fresh_decoding(synth_root):
+    kwargs = dict(image_size=(64, 32), batch_size=8, num_instances=2, test_batch_size=16, num_workers=0, seed=3)
+    data = load_reid_dataset(synth_root, val_identities=2)
+    fresh, cached = build_loaders(data, **kwargs), build_loaders(data, cache_images=True, **kwargs)
+    assert fresh.train.dataset.images is None and cached.train.dataset.images is not None
+    for a, b in ((fresh.train, cached.train), (fresh.query, cached.query), (fresh.val_gallery, cached.val_gallery)):
+        torch.manual_seed(0)
+        first = [batch[0] for batch in a]
+        torch.manual_seed(0)
+        second = [batch[0] for batch in b]
+        assert len(first) == len(second) and all(torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_decoded_images_are_reused_until_a_file_changes(synth_root, tmp_path):
+    from workbench.data import DecodedImages
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(synth_root / "train", folder)
+    paths = sorted(str(p) for p in folder.rglob("*.png"))[:6]
+    first = DecodedImages.get(paths, (64, 32))
+    assert DecodedImages.get(paths, (64, 32)) is first  # the next trial of a study decodes nothing
+    assert DecodedImages.get(paths, (32, 16)) is not first
+    Image.new("RGB", (32, 64), (0, 0, 0)).save(paths[0])  # a file rewritten: decoded again
+    again = DecodedImages.get(paths, (64, 32))
+    assert again is not first and int(again[paths[0]].max()) == 0 and torch.equal(again[paths[1]], first[paths[1]])
+    bad = folder / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"cannot read image {bad}"):
+        DecodedImages.get([*paths, str(bad)], (64, 32))

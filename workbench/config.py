@@ -214,6 +214,8 @@ class Config:
     """Batch size for feature extraction."""
     num_workers: int = 2
     """DataLoader worker processes."""
+    cache_images: bool = True
+    """Decode and resize every image once per run and keep it in memory (uint8; not when it would take over half the free memory)."""
     flip_prob: float = 0.5
     """Probability of a horizontal flip in training."""
     pad: int = 10

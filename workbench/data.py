@@ -11,17 +11,21 @@ identities or an optional ``root/val`` folder: ``val/{query,gallery}/<pid>/`` or
 from __future__ import annotations
 
 import math
+import os
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms as T
+from torchvision.transforms import v2 as T2
 
 from .errors import DataError, UsageError
 
@@ -273,43 +277,103 @@ def _load_val_folder(folder: Path, seed: int, train: Sequence[Record]) -> tuple[
 
 # ----------------------------------------------------------------------------- transforms
 
+def _unit_float(image: torch.Tensor) -> torch.Tensor:
+    return image.float().div(255)  # as ToTensor scales: the same numbers, bit for bit
+
+
 def build_transforms(image_size: Sequence[int], train: bool, flip_prob: float = 0.5, pad: int = 10,
                      random_erasing: float = 0.5, mean: Sequence[float] = CLIP_MEAN,
-                     std: Sequence[float] = CLIP_STD) -> T.Compose:
-    """Train: resize, flip, pad + random crop, normalise, random erasing (BoT). Test: resize, normalise.
+                     std: Sequence[float] = CLIP_STD) -> T2.Compose:
+    """The transforms after ``decode`` (which resizes), on uint8 (3, H, W) tensors. Train: flip,
+    pad + random crop, scale to [0, 1], normalise, random erasing (BoT). Test: scale, normalise.
+    They draw the same random numbers and give the same values as torchvision's PIL pipeline
+    (Resize, RandomHorizontalFlip, Pad, RandomCrop, ToTensor, Normalize, RandomErasing).
 
     ``mean``/``std`` must match the backbone's pretraining (the official CLIP-ReID ViT uses 0.5/0.5)."""
     size = tuple(image_size)
-    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+    steps = []
     if train:
         if flip_prob > 0:
-            steps.append(T.RandomHorizontalFlip(flip_prob))
+            steps.append(T2.RandomHorizontalFlip(flip_prob))
         if pad > 0:
-            steps += [T.Pad(pad), T.RandomCrop(size)]
-    steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+            steps += [T2.Pad(pad), T2.RandomCrop(size)]
+    steps += [T2.Lambda(_unit_float), T2.Normalize(list(mean), list(std))]
     if train and random_erasing > 0:
-        steps.append(T.RandomErasing(p=random_erasing, value=0))  # 0 is the mean after normalising
-    return T.Compose(steps)
+        steps.append(T2.RandomErasing(p=random_erasing, value=0))  # 0 is the mean after normalising
+    return T2.Compose(steps)
+
+
+def decode(path: str, size: Sequence[int]) -> torch.Tensor:
+    """An image file as RGB, resized to ``size`` (H, W) with PIL's bicubic filter: uint8 (3, H, W).
+    A file that is not a readable image is a DataError naming it."""
+    try:
+        with Image.open(path) as img:
+            image = img.convert("RGB").resize((int(size[1]), int(size[0])), Image.BICUBIC)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from None
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+class DecodedImages:
+    """Every image of a run decoded and resized once (``decode``), kept in memory as one uint8
+    tensor (N, 3, H, W): loaders read pixels instead of files (worker processes share it through
+    fork). ``get`` returns the last one built for the same files (path, size, mtime) and size, so
+    the trials of a study in one process decode once."""
+
+    _last: tuple[tuple, "DecodedImages"] | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, paths: Sequence[str], size: Sequence[int], threads: int | None = None):
+        self.index = {path: i for i, path in enumerate(paths)}
+        self.images = torch.empty((len(paths), 3, int(size[0]), int(size[1])), dtype=torch.uint8)
+        threads = threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(threads) as pool:  # PIL decodes outside the GIL
+            for i, image in enumerate(pool.map(lambda path: decode(path, size), paths)):
+                self.images[i] = image
+
+    def __getitem__(self, path: str) -> torch.Tensor:
+        return self.images[self.index[path]]
+
+    @staticmethod
+    def nbytes(count: int, size: Sequence[int]) -> int:
+        return count * 3 * int(size[0]) * int(size[1])
+
+    @classmethod
+    def get(cls, paths: Sequence[str], size: Sequence[int]) -> "DecodedImages":
+        paths = list(dict.fromkeys(paths))
+        stats = []
+        for path in paths:
+            try:
+                info = os.stat(path)
+            except OSError as err:
+                raise DataError(f"cannot read image {path}: {err.strerror}") from None
+            stats.append((path, info.st_size, info.st_mtime_ns))
+        key = (tuple(stats), tuple(int(s) for s in size))
+        with cls._lock:
+            if cls._last is None or cls._last[0] != key:
+                cls._last = None  # free the previous images before decoding the next ones
+                cls._last = (key, cls(paths, size))
+            return cls._last[1]
 
 
 class ImageDataset(Dataset):
-    """(image tensor, label, camid, index) for each record; label is -1 for unknown pids."""
+    """(image tensor, label, camid, index) for each record; label is -1 for unknown pids. Images
+    come from ``images`` (a DecodedImages) when given, else are decoded (and resized to
+    ``size``) on every read."""
 
-    def __init__(self, records: Sequence[Record], transform, class_to_idx: dict[str, int] | None = None):
+    def __init__(self, records: Sequence[Record], transform, class_to_idx: dict[str, int] | None = None,
+                 size: Sequence[int] = (256, 128), images: DecodedImages | None = None):
         self.records = list(records)
         self.transform = transform
         self.labels = [(class_to_idx or {}).get(r.pid, -1) for r in self.records]
+        self.size, self.images = tuple(size), images
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int):
         record = self.records[index]
-        try:
-            with Image.open(record.path) as img:
-                image = img.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise DataError(f"cannot read image {record.path}: {err}") from None
+        image = self.images[record.path] if self.images is not None else decode(record.path, self.size)
         return self.transform(image), self.labels[index], record.camid, index
 
 
@@ -388,15 +452,35 @@ def test_loader(records: Sequence[Record], *, image_size: Sequence[int], batch_s
                 pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD,
                 pin_memory: bool = False) -> DataLoader:
     """The images of ``records`` in order, with test transforms (for feature extraction)."""
-    return DataLoader(ImageDataset(records, build_transforms(image_size, False, mean=pixel_mean, std=pixel_std)),
+    return DataLoader(ImageDataset(records, build_transforms(image_size, False, mean=pixel_mean, std=pixel_std),
+                                   size=image_size),
                       batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int, num_instances: int,
                   test_batch_size: int, num_workers: int, seed: int, flip_prob: float = 0.5, pad: int = 10,
                   random_erasing: float = 0.5, pin_memory: bool = False,
-                  pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD) -> Loaders:
-    """Train (PK batches), train_eval, query, gallery and, when ``data.has_validation``, val loaders."""
+                  pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD,
+                  cache_images: bool = False, log: Callable[[str], None] | None = None) -> Loaders:
+    """Train (PK batches), train_eval, query, gallery and, when ``data.has_validation``, val loaders.
+    With ``cache_images`` every image is decoded once (``DecodedImages``) unless they would take
+    more than half of the memory available, which ``log`` then says."""
+    images = None
+    if cache_images:
+        paths = list(dict.fromkeys(r.path for r in [*data.train, *data.query, *data.gallery, *data.val_query,
+                                                    *data.val_gallery]))
+        need = DecodedImages.nbytes(len(paths), image_size)
+        available = _available_memory()
+        if available is not None and need > available // 2:
+            if log is not None:
+                log(f"cache_images: {len(paths)} images need {need / 2**30:.1f} GiB, more than half of the "
+                    f"{available / 2**30:.1f} GiB available; decoding them on every read instead")
+        else:
+            started = time.perf_counter()
+            images = DecodedImages.get(paths, image_size)
+            if log is not None:
+                log(f"images: {len(paths)} decoded and resized once ({need / 2**20:.0f} MiB in memory, "
+                    f"{time.perf_counter() - started:.1f}s)")
     train_tf = build_transforms(image_size, True, flip_prob, pad, random_erasing, pixel_mean, pixel_std)
     test_tf = build_transforms(image_size, False, mean=pixel_mean, std=pixel_std)
     index = data.class_to_idx
@@ -406,16 +490,25 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
     # Every DataLoader iterator draws a seed for its workers; from a generator of its own, so that
     # whether a loader runs (features cached or not) never shifts the global RNG of training.
     def plain(records, labels):
-        return DataLoader(ImageDataset(records, test_tf, labels), batch_size=test_batch_size, shuffle=False,
+        return DataLoader(ImageDataset(records, test_tf, labels, image_size, images), batch_size=test_batch_size,
+                          shuffle=False,
                           generator=torch.Generator().manual_seed(seed), **common)
 
-    train = DataLoader(ImageDataset(data.train, train_tf, index), batch_sampler=sampler,
+    train = DataLoader(ImageDataset(data.train, train_tf, index, image_size, images), batch_sampler=sampler,
                        generator=torch.Generator().manual_seed(seed), **common)
     val = data.has_validation
     return Loaders(train=train, train_eval=plain(data.train, index), query=plain(data.query, None),
                    gallery=plain(data.gallery, None), data=data, sampler=sampler,
                    val_query=plain(data.val_query, None) if val else None,
                    val_gallery=plain(data.val_gallery, None) if val else None)
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -303,7 +303,8 @@ def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callab
                             num_instances=cfg.num_instances, test_batch_size=cfg.test_batch_size,
                             num_workers=cfg.num_workers, seed=cfg.seed, flip_prob=cfg.flip_prob, pad=cfg.pad,
                             random_erasing=cfg.random_erasing, pin_memory=device.type == "cuda",
-                            pixel_mean=tuple(cfg.pixel_mean), pixel_std=tuple(cfg.pixel_std))
+                            pixel_mean=tuple(cfg.pixel_mean), pixel_std=tuple(cfg.pixel_std),
+                            cache_images=cfg.cache_images, log=log)
     clip_model = load_clip_with_patch(cfg.model_type, device, freeze_all=True, pretrained=cfg.pretrained,
                                       image_size=cfg.image_size, quick_gelu=cfg.quick_gelu, log=log)
     prompt_learner = PromptLearner(data.classnames, clip_model, cfg.n_ctx, cfg.prompt_template, cfg.aspect,
