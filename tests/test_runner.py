@@ -318,3 +318,16 @@ def test_system_metrics_are_logged_beside_the_curves(tiny_config, tmp_path):
     assert "system/system_memory_usage_megabytes" in client.get_run(result["run_id"]).data.metrics
     off = train_joint(config.replace(cfg, system_metrics=None), MlflowTracker(uri))  # null: on with CUDA only
     assert not any(k.startswith("system/") for k in client.get_run(off["run_id"]).data.metrics)
+
+
+def test_val_every_validates_every_kth_epoch_and_the_last(tiny_config, tmp_path):
+    tracker = RecordingTracker()
+    reports = []
+    cfg = config.replace(tiny_config, stage_mode="image_only", epochs_image=5, val_every=2)
+    result = train_joint(cfg, tracker, report=lambda epoch, metrics: reports.append(epoch))
+    steps = {key: [step for step, _ in tracker.history[key]] for key in ("rank1", "epoch_loss")}
+    assert reports == [2, 4, 5] and steps["rank1"] == [2, 4, 5] and steps["epoch_loss"] == [1, 2, 3, 4, 5]
+    assert result["best_epoch"] in (2, 4, 5)
+    assert not list(Path(result["run_dir"]).glob("*LAST*"))
+    with pytest.raises(config.ConfigError, match="val_every: must be >= 1"):
+        config.replace(cfg, val_every=0)

@@ -153,7 +153,6 @@ def cmd_tune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from . import config
     from .tracking import resolve_tracking_uri, runs_table
 
     uri = resolve_tracking_uri(args.tracking_uri, None)

@@ -320,6 +320,8 @@ class Config:
     """Scale of the image-text cosine logits; null means CLIP's learned logit_scale."""
     max_rank: int = 50
     """Longest CMC curve computed in validation."""
+    val_every: int = 1
+    """Validate (select BEST, report to the pruner) every val_every-th epoch and at the last one."""
     select_metric: str = "rank1"
     """Validation metric that picks the BEST checkpoint: rank1 or mAP."""
 
@@ -389,7 +391,8 @@ class Config:
         if self.batch_size % self.num_instances or self.batch_size < 2 * self.num_instances:
             bad("batch_size", f"must be a multiple of num_instances ({self.num_instances}) covering at "
                 f"least 2 identities, got {self.batch_size}")
-        for key in ("log_every", "test_batch_size", "max_rank", "synth_identities", "synth_images_per_identity"):
+        for key in ("log_every", "test_batch_size", "max_rank", "synth_identities", "synth_images_per_identity",
+                    "val_every"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("flip_prob", "random_erasing", "label_smoothing", "i2t_label_smoothing"):

@@ -195,6 +195,7 @@ class ImageStageSettings:
     amp: bool = True
     log_every: int = 20
     max_rank: int = 50
+    val_every: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ImageStageSettings":
@@ -211,7 +212,7 @@ class ImageStageSettings:
                    train_text_encoder=cfg.train_text_encoder, logit_scale=cfg.contrastive_logit_scale,
                    train_feature=cfg.train_feature, pre_proj=cfg.test_feature == "proj_and_pre_proj",
                    eval_neck=cfg.eval_neck_feat, select_metric=cfg.select_metric, amp=cfg.amp,
-                   log_every=cfg.log_every, max_rank=cfg.max_rank)
+                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every)
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -390,9 +391,11 @@ class Selection:
     start_step)`` is what a checkpoint's metadata records so that a resumed stage goes on
     exactly (``resume``)."""
 
-    def __init__(self, name: str, select: str, split: EvalSplit, tracker: Tracker, log: Log, epochs: int):
+    def __init__(self, name: str, select: str, split: EvalSplit, tracker: Tracker, log: Log, epochs: int,
+                 every: int = 1):
         self.name, self.select, self.split, self.tracker, self.log = name, select, split, tracker, log
-        self.epochs = epochs
+        self.epochs, self.every = epochs, every
+        self._counted = False
         self.best = {k: (-1.0 if k == select else 0.0) for k in METRIC_KEYS}
         self.best_state: dict | None = None
         self.best_epoch = 0
@@ -415,16 +418,31 @@ class Selection:
     def val_metrics(self) -> dict:
         return {k: v for k, v in self.metrics.items() if k != "num_valid_q"}
 
-    def end_epoch(self, epoch: int, first: bool, lr: float, train_loss: float, metrics: dict, model: nn.Module,
+    def due(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) is validated: every ``every``-th epoch and the last."""
+        return (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs
+
+    def end_epoch(self, epoch: int, lr: float, train_loss: float, metrics: dict | None, model: nn.Module,
                   save: Callable[[str, int], None] | None, report: Report | None, extra: dict | None = None) -> None:
-        """Log epoch ``epoch`` (0-based) validation ``metrics`` (plus ``extra`` numbers), keep BEST,
-        write BEST and LAST, and report to the pruner."""
-        self.metrics, self.train_loss = metrics, train_loss
+        """Log epoch ``epoch`` (0-based): its ``train_loss`` and, when it was validated, its
+        ``metrics`` (plus ``extra`` numbers); keep BEST, write BEST and LAST, report to the pruner.
+        An epoch without validation (``metrics`` None) only logs its loss and writes LAST."""
+        self.train_loss = train_loss
+        if metrics is None:
+            self.tracker.log_metrics({"epoch_loss": train_loss}, step=epoch + 1)
+            self.tracker.flush()
+            self.log(f"{self.name} epoch {epoch + 1}/{self.epochs}: loss {train_loss:.4f} lr {lr:.2e} (validated "
+                     f"every {self.every} epochs)")
+            if save is not None:
+                save("LAST", epoch + 1)
+            return
+        self.metrics = metrics
         self.tracker.log_metrics({k: metrics[k] for k in METRIC_KEYS} | {"epoch_loss": train_loss} | (extra or {}),
                                  step=epoch + 1)
         self.tracker.flush()
         split = self.split
-        if first:
+        if not self._counted:
+            self._counted = True
             self.tracker.log_metrics({"num_valid_selection_query": metrics["num_valid_q"]}, step=0)
             if metrics["num_valid_q"] < len(split.q_pids):
                 self.log(f"{split.name}: {metrics['num_valid_q']} of {len(split.q_pids)} queries have a match left "
@@ -495,7 +513,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
     selection, test = eval_splits(loaders)
-    book = Selection("image", settings.select_metric, selection, tracker, log, settings.epochs)
+    book = Selection("image", settings.select_metric, selection, tracker, log, settings.epochs, settings.val_every)
     step, first_epoch = start_step, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
@@ -589,9 +607,10 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                                 feat_n=f"{last['feat_norm']:.2f}", arc_c=f"{last['arc_conf']:.2f}")
         buffer.flush()
         scheduler.step()
-        metrics = validate(clip_model, selection, device, spec, max_rank=settings.max_rank, amp=settings.amp)
-        book.end_epoch(epoch, epoch == first_epoch, lr, buffer.epoch_loss(), metrics, clip_model,
-                       save if checkpoint_path is not None else None, report)
+        metrics = (validate(clip_model, selection, device, spec, max_rank=settings.max_rank, amp=settings.amp)
+                   if book.due(epoch) else None)
+        book.end_epoch(epoch, lr, buffer.epoch_loss(), metrics, clip_model, save if checkpoint_path is not None else None,
+                       report)
     if checkpoint_path is not None:
         save("FINAL", settings.epochs)
     return book.finish(clip_model, lambda: validate(clip_model, test, device, spec, max_rank=settings.max_rank,

@@ -348,7 +348,8 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
     selection, test = eval_splits(loaders)
     classes = loaders.data.class_to_idx
-    book = Selection("promptsg", settings.select_metric, selection, tracker, log, settings.epochs)
+    book = Selection("promptsg", settings.select_metric, selection, tracker, log, settings.epochs,
+                     settings.val_every)
     step, first_epoch = start_step, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
@@ -413,8 +414,12 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
                                 cos=f"{last['pos_cos']:.2f}", s=f"{last['pseudo_ratio']:.2f}")
         buffer.flush()
         scheduler.step()
+        if not book.due(epoch):
+            book.end_epoch(epoch, lr, buffer.epoch_loss(), None, clip_model,
+                           save if checkpoint_path is not None else None, report)
+            continue
         metrics = validate_promptsg(clip_model, selection, device, settings, classes)
-        book.end_epoch(epoch, epoch == first_epoch, lr, buffer.epoch_loss(), metrics, clip_model,
+        book.end_epoch(epoch, lr, buffer.epoch_loss(), metrics, clip_model,
                        save if checkpoint_path is not None else None, report,
                        extra={k: metrics[k] for k in VALIDATION_KEYS if k in metrics})
         log(f"  composed mAP {metrics['composed_mAP']:.2f} | simplified mAP {metrics['simplified_mAP']:.2f} | "
