@@ -1,6 +1,7 @@
 """PromptSG: the modules, the pseudo-token prompt, what trains, validate_promptsg, a tracked run,
 checkpoints, resume, eval and tuning, on the tiny CLIP and the synthetic hands (CPU)."""
 import math
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -67,13 +68,17 @@ def test_slot_embedding_is_the_pseudo_token_and_the_text_path_is_clips(psg_confi
 @pytest.mark.parametrize("name", ["wb-tiny", "wb-tiny-rn"])
 def test_image_tokens_global_feature_is_clips_image_feature(name):
     torch.manual_seed(0)
-    model = load_clip_with_patch(name, pretrained=None, image_size=(64, 32)).eval()
-    images = torch.randn(2, 3, 64, 32)
+    size = (64, 32) if name == "wb-tiny" else (128, 64)
+    model = load_clip_with_patch(name, pretrained=None, image_size=size).eval()
+    images = torch.randn(2, 3, *size)
     with torch.no_grad():
         global_feat, tokens = encode_image_tokens(model, images)
         assert torch.allclose(global_feat, encode_images(model, images), atol=1e-5)
-    grid = (64 // 8) * (32 // 8) if name == "wb-tiny" else (64 // 32) * (32 // 32)
+    grid = (64 // 8) * (32 // 8) if name == "wb-tiny" else (128 // 32) * (64 // 32)
     assert tokens.shape == (2, grid, global_feat.shape[1])
+    # local tokens that differ from the global feature and from each other: something to attend to
+    assert float(F.cosine_similarity(tokens, global_feat[:, None], dim=-1).mean()) < 0.95
+    assert float(F.cosine_similarity(tokens[:, :1], tokens[:, 1:], dim=-1).mean()) < 0.95
 
 
 @pytest.mark.parametrize("fusion", ["query", "reweight"])
@@ -243,6 +248,18 @@ def test_promptsg_config_mistakes_are_one_line(psg_config, tmp_path, capsys):
                 {"train_text_encoder": True} if override.startswith("train_text") else {}))
     with pytest.raises(ConfigError, match="mim_heads: 3 heads do not divide CLIP's embedding width 128"):
         build(config.replace(psg_config, mim_heads=3))
+    path = tmp_path / "psg.yaml"
+    path.write_text(psg_config.to_yaml())
+    uri = f"sqlite:///{tmp_path / 'mistakes.db'}"
+    for override, expected in (("mim_heads=3", "mim_heads: 3 heads do not divide"),
+                               (f"promptsg_template='{'{aspect} hand ' * 30}'", "promptsg_template: the prompt needs"),
+                               ("promptsg_template='{aspect}}'", "promptsg_template: '{aspect}}' is not a valid template")):
+        assert main(["run", str(path), "--set", override, "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and expected in err, err
+    assert not Path(psg_config.output_dir).exists() and not (tmp_path / "mistakes.db").exists()
+    assert main(["eval", str(path), "--prompts"]) == 2
+    assert "--prompts: PromptSG has no class prompts" in capsys.readouterr().err
 
 
 def test_tune_searches_promptsg_keys(psg_config, tmp_path, capsys):

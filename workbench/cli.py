@@ -37,11 +37,12 @@ def _one_line(err: BaseException) -> str:
 
 def cmd_run(args) -> int:
     from . import config
-    from .runner import preflight, train_joint
+    from .runner import check_model_shapes, preflight, train_joint
     from .tracking import MlflowTracker, resolve_tracking_uri
 
     cfg = config.load(args.config, args.set)
     preflight(cfg)
+    check_model_shapes(cfg)
     tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
     return _report(train_joint(cfg, tracker), tracker)
 
@@ -270,6 +271,9 @@ def cmd_eval(args) -> int:
     if args.config and args.config_option:
         raise UsageError("give the config once: as CONFIG or as --config")
     cfg = config.load(args.config or args.config_option or _run_config(checkpoint), args.set)
+    if args.prompts and cfg.stage_mode == "promptsg":
+        raise UsageError("--prompts: PromptSG has no class prompts to retrieve (its prompt is composed per image); "
+                         "evaluate it without --prompts")
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     ensure_dataset(cfg, print)

@@ -372,11 +372,7 @@ class Config:
         if not 1 <= self.n_ctx < CLIP_CONTEXT_LENGTH - 2:
             bad("n_ctx", f"must be between 1 and {CLIP_CONTEXT_LENGTH - 3} (CLIP's context is "
                 f"{CLIP_CONTEXT_LENGTH} tokens), got {self.n_ctx}")
-        if "{aspect}" not in self.prompt_template and self.aspect:
-            bad("prompt_template", f"{self.prompt_template!r} has no {{aspect}} placeholder while aspect is "
-                f"{self.aspect!r}")
-        if re.search(r"\{(?!aspect\})[^}]*\}", self.prompt_template):
-            bad("prompt_template", f"{self.prompt_template!r}: only the {{aspect}} placeholder is allowed")
+        _check_template("prompt_template", self.prompt_template, self.aspect)
         if len(self.image_size) != 2 or any(not isinstance(s, int) or s < 32 for s in self.image_size):
             bad("image_size", f"must be [height, width] with both at least 32, got {self.image_size}")
         for key in ("epochs_prompt", "epochs_image", "warmup_epochs", "num_workers"):
@@ -448,10 +444,7 @@ class Config:
             bad("synth_test_identities", f"must be >= 1 or null, got {self.synth_test_identities}")
         if not self.losses:
             bad("loss_list", "is empty")
-        if re.search(r"\{(?!aspect\})[^}]*\}", self.promptsg_template) or \
-                ("{aspect}" not in self.promptsg_template and self.aspect):
-            bad("promptsg_template", f"{self.promptsg_template!r}: needs the {{aspect}} placeholder (and no other) "
-                                     f"while aspect is {self.aspect!r}")
+        _check_template("promptsg_template", self.promptsg_template, self.aspect)
         if self.system_metrics_interval <= 0:
             bad("system_metrics_interval", f"must be positive, got {self.system_metrics_interval}")
         if self.promptsg_module_lr <= 0:
@@ -501,6 +494,21 @@ class Config:
         """Short, stable hash of the resolved config (tags, checkpoints, caches)."""
         blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _check_template(key: str, template: str, aspect: str) -> None:
+    """A prompt template may hold the {aspect} placeholder and no other, and must hold it when
+    aspect is set; a stray brace is a ConfigError, not a format error in the middle of a run."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ConfigError(f"{key}: {template!r} is not a valid template ({err}); write a literal brace as {{{{ or }}}}")
+    if any(name != "aspect" for name in fields):
+        raise ConfigError(f"{key}: {template!r}: only the {{aspect}} placeholder is allowed")
+    if aspect and "aspect" not in fields:
+        raise ConfigError(f"{key}: {template!r} has no {{aspect}} placeholder while aspect is {aspect!r}")
 
 
 def resolve_loss_list(loss_list) -> tuple[str, ...]:

@@ -366,13 +366,8 @@ def slot_prompt(clip_model: nn.Module, model_name: str | None, body: str, n_slot
     "A photo of a"; ``n_slots`` 0 is the plain text. A prompt longer than CLIP's context is a
     ConfigError naming ``key``. Shared by CLIP-ReID's class prompts and PromptSG's pseudo-token
     prompt, so both take exactly CLIP's tokenization and embeddings."""
-    tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.get_tokenizer("ViT-B-16")
     context_length = int(clip_model.positional_embedding.shape[0])
-    text = f"{PROMPT_PREFIX} {' '.join(['X'] * n_slots)} {body}.".replace("  ", " ")
-    needed = _n_tokens(tokenizer, text) + 2  # start and end of text
-    if needed > context_length:
-        raise ConfigError(f"{key}: the prompt needs {needed} tokens{' ' + what if what else ''}, more than CLIP's "
-                          f"context of {context_length}; {fix}")
+    text, tokenizer = check_prompt_fits(model_name, body, n_slots, context_length, key, what, fix)
     tokens = tokenizer([text])[:, :context_length]
     # The causal mask makes the end-of-text feature depend only on the tokens up to it, so
     # the text transformer runs on that many positions instead of the full 77.
@@ -382,6 +377,23 @@ def slot_prompt(clip_model: nn.Module, model_name: str | None, body: str, n_slot
     start = 1 + _n_tokens(tokenizer, PROMPT_PREFIX)
     return SlotPrompt(text, tokens, eot_index, embedding[:, :start].detach().clone().cpu(),
                       embedding[:, start + n_slots:eot_index + 1].detach().clone().cpu())
+
+
+def check_prompt_fits(model_name: str | None, body: str, n_slots: int, context_length: int | None = None,
+                      key: str = "n_ctx", what: str = "", fix: str = "shorten the prompt"):
+    """The prompt text ``"A photo of a X ... X {body}."`` and the model's tokenizer, or a
+    ConfigError naming ``key`` when it needs more tokens than CLIP's context (the model config's
+    when ``context_length`` is None). Cheap: no model is built, so it runs before a run starts."""
+    tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.get_tokenizer("ViT-B-16")
+    if context_length is None:
+        config = open_clip.get_model_config(model_name) if model_name else None
+        context_length = int(((config or {}).get("text_cfg") or {}).get("context_length", 77))
+    text = f"{PROMPT_PREFIX} {' '.join(['X'] * n_slots)} {body}.".replace("  ", " ")
+    needed = _n_tokens(tokenizer, text) + 2  # start and end of text
+    if needed > context_length:
+        raise ConfigError(f"{key}: the prompt needs {needed} tokens{' ' + what if what else ''}, more than CLIP's "
+                          f"context of {context_length}; {fix}")
+    return text, tokenizer
 
 
 def _n_tokens(tokenizer, text: str) -> int:
@@ -453,25 +465,20 @@ def encode_image_tokens(clip_model: nn.Module, images: torch.Tensor) -> tuple[to
     """(global feature (B, embed_dim), local tokens (B, N, embed_dim)), unnormalised, both in
     CLIP's joint embedding space. ViT: the pooled class token and the patch tokens, each after
     ln_post and the projection (open_clip leaves the patch tokens unprojected). ModifiedResNet
-    (RN50): the attention pool run with every position as a query (the mean token's output is
-    ``encode_image``'s feature), giving the H/32 x W/32 positions their pooled, projected
-    features. The global feature equals ``encode_images``."""
+    (RN50): the attention pool's output, and each of the H/32 x W/32 positions through the
+    pool's value and output projections alone (as MaskCLIP reads dense CLIP features): run as
+    queries through the pool's attention, every position would come out as nearly the same
+    pooled vector, leaving the interaction module one key to attend to. The global feature
+    equals ``encode_images``."""
     visual = clip_model.visual
     if _is_modified_resnet(visual):
         x = visual.stem(images)
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
         pool = visual.attnpool
-        x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
-        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :].to(x.dtype)
-        out, _ = F.multi_head_attention_forward(
-            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
-            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
-            out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=pool.training,
-            need_weights=False)
-        out = out.permute(1, 0, 2)  # (B, 1 + HW, embed_dim)
-        return out[:, 0], out[:, 1:]
+        positions = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        positions = positions + pool.positional_embedding[1:].to(positions.dtype)
+        tokens = pool.c_proj(pool.v_proj(positions))
+        return pool(x), tokens
     if hasattr(visual, "_embeds") and hasattr(visual, "_pool") and hasattr(visual, "proj"):
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
             raise ConfigError("stage_mode: promptsg needs an open_clip ViT whose patch tokens pass ln_post like its "

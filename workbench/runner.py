@@ -30,12 +30,12 @@ from .pictures import pick_queries, plot_cmc, plot_ranked_lists, save_curves
 from .checkpoint import (atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
                          remove_stale_temporaries)
 from .heads import register_bnneck_and_arcface
-from .model import PromptLearner, compile_encoders, load_clip_with_patch, resolve_model_name
+from .model import PromptLearner, check_prompt_fits, compile_encoders, load_clip_with_patch, resolve_model_name
 from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
                      train_clipreid_prompt_stage)
 from .tracking import NullTracker, RunStopped, Tracker, run_params
 from .methods.promptsg import STEP_KEYS as PROMPTSG_STEP_KEYS
-from .methods.promptsg import PromptSGSettings, register_promptsg, train_promptsg_stage
+from .methods.promptsg import PromptSGSettings, check_promptsg, register_promptsg, train_promptsg_stage
 
 LOSS_KEYS = ["loss", "id_loss", "tri_loss", "center_loss", "i2t_loss", "t2i_loss", "feat_norm", "arc_conf", "lr"]
 PROMPT_KEYS = ["prompt_loss", "i2t_loss", "t2i_loss", "prompt_norm", "prompt_var", "prompt_class_var", "prompt_grad",
@@ -174,6 +174,18 @@ def preflight(cfg: Config) -> None:
     check_data_root(cfg)
 
 
+def check_model_shapes(cfg: Config) -> None:
+    """The mistakes that need the model's shape, found from open_clip's config without building
+    it: a prompt longer than CLIP's context, PromptSG's heads. ``workbench run`` checks them
+    before its run exists; a tuning trial meets them inside its own run, which records why."""
+    name = resolve_model_name(cfg.model_type)
+    if cfg.stage_mode == "promptsg":
+        check_promptsg(cfg)
+    elif cfg.stage_mode != "image_only" or not cfg.freeze_prompt:
+        check_prompt_fits(name, cfg.prompt_template.format(aspect=cfg.aspect).strip(), cfg.n_ctx, None, "n_ctx",
+                          f"with n_ctx={cfg.n_ctx}", "lower n_ctx or shorten prompt_template")
+
+
 def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 report: Callable[[int, dict], None] | None = None, *, run_name: str | None = None,
                 parent_run_id: str | None = None, extra_tags: dict | None = None,
@@ -263,8 +275,10 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
                              run_id=run_id)
         result.update(run_id=run_id, run_dir=str(run_dir))
         tracker.log_metrics({k: result[k] for k in END_KEYS if result.get(k) is not None}, step=0)
-        for name, keys in ((f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_prompt.png", PROMPT_KEYS),
-                           (f"{stem}_metrics.png", EVAL_KEYS), (f"{stem}_promptsg.png", PROMPTSG_KEYS)):
+        plots = [(f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_metrics.png", EVAL_KEYS)]
+        plots.append((f"{stem}_promptsg.png", PROMPTSG_KEYS) if cfg.stage_mode == "promptsg" else
+                     (f"{stem}_prompt.png", PROMPT_KEYS))
+        for name, keys in plots:
             plot = save_curves(tracker.history, run_dir / name, keys, stem)
             if plot is not None:
                 tracker.log_artifact(plot, "plots")

@@ -540,7 +540,8 @@ def run_params(cfg: Config) -> dict[str, Any]:
 def runs_table(tracking_uri: str, experiment: str | None = None, study: str | None = None,
                metric: str = "best_mAP"):
     """Runs as a pandas DataFrame, sorted by ``metric`` (best first): run name and id, status,
-    method (stage_mode), trial number, the tuned parameters, rank-k and mAP. ``experiment`` None means all
+    method (stage_mode), trial number, the parameters that differ between the runs (a study's
+    tuned keys; PromptSG's beside CLIP-ReID's), rank-k and mAP. ``experiment`` None means all
     experiments; ``study`` keeps the trials of one study."""
     import mlflow
 
@@ -561,11 +562,25 @@ def runs_table(tracking_uri: str, experiment: str | None = None, study: str | No
     if frame.empty:
         return frame
     wanted = ["tags.mlflow.runName", "run_id", "status", "tags.stage_mode", "tags.trial_number", "tags.state",
-              "params.n_ctx",
-              "params.lr", "params.center_loss_weight", f"metrics.{metric}", "metrics.best_rank1", "metrics.best_mAP",
+              *_varying_params(frame), f"metrics.{metric}", "metrics.best_rank1", "metrics.best_mAP",
               "metrics.test_rank1", "metrics.test_mAP", "tags.selection"]
     columns = list(dict.fromkeys(c for c in wanted if c in frame.columns))
     frame = frame[columns].rename(columns=lambda c: "run_name" if c == "tags.mlflow.runName" else c.split(".", 1)[-1])
     if metric in frame.columns:
         frame = frame.sort_values(metric, ascending=False, na_position="last")
     return frame.reset_index(drop=True)
+
+
+# Params that never tell two runs' models apart, left out of the comparison.
+_PARAMS_NOT_COMPARED = {"experiment", "output_dir", "tracking_uri", "device", "log_every", "save_checkpoints",
+                        "log_checkpoints", "num_workers", "test_batch_size", "system_metrics",
+                        "system_metrics_interval", "cache_images"}
+
+
+def _varying_params(frame, most: int = 10) -> list[str]:
+    """The ``params.*`` columns whose values differ between the runs (at most ``most``, by name);
+    ``params.lr`` when none does."""
+    columns = [c for c in frame.columns if c.startswith("params.") and not c.startswith("params.tune.")
+               and c.split(".", 1)[1] not in _PARAMS_NOT_COMPARED]
+    varying = sorted(c for c in columns if frame[c].astype(str).nunique(dropna=False) > 1)
+    return varying[:most] or [c for c in ("params.lr",) if c in frame.columns]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from ..config import Config, ConfigError
 from ..evaluation import EvalSplit, FeatureSpec, as_percent, cosine_distance, reid_metrics
 from ..heads import head_branches, head_parameters
 from ..losses import CenterLoss, LossSet, build_loss, id_loss, supcon_loss, triplet_loss
-from ..model import (encode_image_tokens, encode_prompt_embeddings, freeze_entire_clip_model,
+from ..model import (check_prompt_fits, encode_image_tokens, encode_prompt_embeddings, freeze_entire_clip_model,
                      image_encoder_parameters, resolve_model_name, slot_prompt, unfreeze_clip_image_encoder)
 from ..stages import (ImageStageSettings, Log, Report, Selection, StepMetrics, adam, autocast_for, build_scheduler,
                       eval_splits, logit_scale_of, match_device, param_groups)
@@ -131,6 +132,18 @@ class PromptSG(nn.Module):
         batch = pseudo.shape[0]
         return torch.cat([self.prefix.expand(batch, -1, -1).to(pseudo.dtype), pseudo[:, None],
                           self.suffix.expand(batch, -1, -1).to(pseudo.dtype)], dim=1)
+
+
+def check_promptsg(cfg: Config) -> None:
+    """PromptSG's config mistakes that need the model's shape, found from open_clip's model
+    config before a run exists: heads that do not divide the embedding width, a template longer
+    than CLIP's context."""
+    name = resolve_model_name(cfg.model_type)
+    embed_dim = int(open_clip.get_model_config(name)["embed_dim"])
+    if embed_dim % cfg.mim_heads:
+        raise ConfigError(f"mim_heads: {cfg.mim_heads} heads do not divide CLIP's embedding width {embed_dim}")
+    check_prompt_fits(name, cfg.promptsg_template.format(aspect=cfg.aspect).strip(), 1, None, "promptsg_template",
+                      "", "shorten promptsg_template")
 
 
 def register_promptsg(clip_model: nn.Module, cfg: Config, embed_dim: int) -> PromptSG:
@@ -419,11 +432,12 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
                            save if checkpoint_path is not None else None, report)
             continue
         metrics = validate_promptsg(clip_model, selection, device, settings, classes)
+        log(f"{selection.name}: composed mAP {metrics['composed_mAP']:.2f} | simplified mAP "
+            f"{metrics['simplified_mAP']:.2f} | global only mAP {metrics['global_mAP']:.2f} | prompt_sensitivity "
+            f"{metrics['prompt_sensitivity']:.4f}")
         book.end_epoch(epoch, lr, buffer.epoch_loss(), metrics, clip_model,
                        save if checkpoint_path is not None else None, report,
                        extra={k: metrics[k] for k in VALIDATION_KEYS if k in metrics})
-        log(f"  composed mAP {metrics['composed_mAP']:.2f} | simplified mAP {metrics['simplified_mAP']:.2f} | "
-            f"global only mAP {metrics['global_mAP']:.2f} | prompt_sensitivity {metrics['prompt_sensitivity']:.4f}")
     if checkpoint_path is not None:
         save("FINAL", settings.epochs)
     tested: list[dict] = []
