@@ -96,6 +96,8 @@ class StepMetrics:
     """Per-step numbers kept as device tensors until ``flush``, which moves them to the host in
     one transfer, raises NonFiniteLossError on a non-finite loss, and logs each step."""
 
+    SEND_SECONDS = 5.0
+
     def __init__(self, tracker: Tracker, stage: str):
         self.tracker, self.stage = tracker, stage
         self.rows: list[tuple[int, dict]] = []
@@ -134,7 +136,9 @@ class StepMetrics:
             self.tracker.log_metrics(metrics, step)
             last = metrics
         self.rows.clear()
-        self.tracker.flush()  # to the store now: the UI shows the run as it goes, and a kill loses little
+        # to the store every few seconds: the UI shows the run as it goes, a kill loses little, and
+        # a short log_every does not turn into one database write per few steps
+        self.tracker.flush(min_interval=self.SEND_SECONDS)
         return last
 
 

@@ -49,7 +49,7 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_dataset(self, name: str, source: str, digest: str, context: str) -> None: ...
-    def flush(self) -> None: ...
+    def flush(self, min_interval: float = 0.0) -> None: ...
     def system_metrics(self, interval: float) -> contextlib.AbstractContextManager: ...
 
 
@@ -83,7 +83,7 @@ class NullTracker:
     def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
         pass
 
-    def flush(self) -> None:
+    def flush(self, min_interval: float = 0.0) -> None:
         pass
 
     def system_metrics(self, interval: float) -> contextlib.AbstractContextManager:
@@ -166,6 +166,7 @@ class MlflowTracker(NullTracker):
         self.last_run_id: str | None = None
         self.delivery_error: str | None = None  # why the last flush failed; None when all went through
         self._next_retry = 0.0
+        self._last_send = 0.0
 
     @property
     def run_id(self) -> str | None:  # type: ignore[override]
@@ -313,11 +314,15 @@ class MlflowTracker(NullTracker):
         if len(self._pending) >= self.MAX_BATCH:
             self.flush()
 
-    def flush(self) -> None:
-        """Send the buffered metrics. A store that does not answer keeps them buffered (retried at
-        the next flush after ``RETRY_SECONDS``) and sets ``delivery_error``."""
-        if not self._pending or time.monotonic() < self._next_retry:
+    def flush(self, min_interval: float = 0.0) -> None:
+        """Send the buffered metrics, or with ``min_interval`` only when that many seconds passed
+        since the last send (the training steps' flushes: one write per few seconds, whatever
+        log_every is). A store that does not answer keeps them buffered (retried at the next flush
+        after ``RETRY_SECONDS``) and sets ``delivery_error``."""
+        now = time.monotonic()
+        if not self._pending or now < self._next_retry or now - self._last_send < min_interval:
             return
+        self._last_send = now
         try:
             with signals_held():
                 while self._pending:
