@@ -77,6 +77,20 @@ def backward_step(loss, optimizer, scaler) -> None:
         scaler.update()
 
 
+class DeviceLog:
+    """workbench's way of logging: each step's numbers stay on the device; one host transfer per
+    ``every`` steps."""
+
+    def __init__(self, every: int):
+        self.every, self.rows = every, []
+
+    def add(self, *values: torch.Tensor) -> None:
+        self.rows.append(torch.stack([v.detach().float() for v in values]))
+        if len(self.rows) == self.every:
+            torch.stack(self.rows).cpu()
+            self.rows.clear()
+
+
 def stage1(args, device: torch.device, fast: bool) -> dict:
     torch.manual_seed(0)
     model = load_clip_with_patch(args.model, device, pretrained=None, image_size=args.image_size)
@@ -89,7 +103,7 @@ def stage1(args, device: torch.device, fast: bool) -> dict:
     optimizer = adam(learner.parameters(), device, lr=1e-3) if fast else torch.optim.Adam(learner.parameters(), lr=1e-3)
     autocast, scaler = baseline_precision(device)
     scale = model.logit_scale.detach().exp()
-    rows, count = [], [0]
+    device_log = DeviceLog(args.log_every)
 
     def step():
         idx = torch.randint(0, len(labels), (args.prompt_batch,), device=device)
@@ -102,11 +116,7 @@ def stage1(args, device: torch.device, fast: bool) -> dict:
         if fast:
             loss.backward()
             optimizer.step()
-            rows.append(torch.stack([loss.detach(), i2t.detach(), t2i.detach()]))
-            count[0] += 1
-            if count[0] % args.log_every == 0:
-                torch.stack(rows).cpu()
-                rows.clear()
+            device_log.add(loss, i2t, t2i, learner.ctx.norm())
         else:
             backward_step(loss, optimizer, scaler)
             [x.item() for x in (loss, i2t, t2i, learner.ctx.norm())]  # the per-step logging
@@ -141,7 +151,7 @@ def stage2(args, device: torch.device, fast: bool) -> dict:
     scale = model.logit_scale.detach().exp()
     with torch.no_grad(), autocast_for(device, True):
         cached = all_text_features(model, learner).float()  # workbench: once per stage
-    rows, count = [], [0]
+    device_log = DeviceLog(args.log_every)
 
     def step():
         with (autocast_for(device, True) if fast else autocast()):
@@ -162,13 +172,7 @@ def stage2(args, device: torch.device, fast: bool) -> dict:
             loss.backward()
             optimizer.step()
             center_opt.step()
-            rows.append(torch.stack([loss.detach(), *(p.detach() for p in parts),
-                                     feats_bn.detach().norm(dim=1).mean(),
-                                     logits.detach().softmax(1).amax(1).mean()]))
-            count[0] += 1
-            if count[0] % args.log_every == 0:
-                torch.stack(rows).cpu()
-                rows.clear()
+            device_log.add(loss, *parts, feats_bn.norm(dim=1).mean(), logits.softmax(1).amax(1).mean())
         else:
             backward_step(loss, optimizer, scaler)
             center_opt.step()
