@@ -278,7 +278,7 @@ def cmd_eval(args) -> int:
     device = select_device(cfg.device)
     ensure_dataset(cfg, print)
     data = load_data(cfg)
-    loaders, model, prompt_learner, _ = build_model_and_loaders(cfg, data, device)
+    loaders, model, prompt_learner, _ = build_model_and_loaders(cfg, data, device, cache_images=False)
     state = read_checkpoint(checkpoint) if checkpoint else None
     stage = (state or {}).get("metadata", {}).get("stage", "image")
     if state is not None:

@@ -310,15 +310,17 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
     return result
 
 
-def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callable[[str], None] | None = None):
+def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callable[[str], None] | None = None,
+                            cache_images: bool | None = None):
     """Loaders, CLIP with BNNeck and ArcFace, and the prompt learner for ``cfg`` and ``data``:
-    (loaders, clip_model, prompt_learner, feat_dim). Shared by runs and ``workbench eval``."""
+    (loaders, clip_model, prompt_learner, feat_dim). Shared by runs and ``workbench eval``, which
+    reads each image once and so passes ``cache_images=False`` (None: the config's key)."""
     loaders = build_loaders(data, image_size=cfg.image_size, batch_size=cfg.batch_size,
                             num_instances=cfg.num_instances, test_batch_size=cfg.test_batch_size,
                             num_workers=cfg.num_workers, seed=cfg.seed, flip_prob=cfg.flip_prob, pad=cfg.pad,
                             random_erasing=cfg.random_erasing, pin_memory=device.type == "cuda",
                             pixel_mean=tuple(cfg.pixel_mean), pixel_std=tuple(cfg.pixel_std),
-                            cache_images=cfg.cache_images, log=log)
+                            cache_images=cfg.cache_images if cache_images is None else cache_images, log=log)
     clip_model = load_clip_with_patch(cfg.model_type, device, freeze_all=True, pretrained=cfg.pretrained,
                                       image_size=cfg.image_size, quick_gelu=cfg.quick_gelu, log=log)
     prompt_learner = PromptLearner(data.classnames, clip_model, cfg.n_ctx, cfg.prompt_template, cfg.aspect,
