@@ -279,32 +279,41 @@ def test_a_val_folder_of_one_image_per_training_identity(tmp_path, synth_root):
     assert not {Path(r.path).name for r in data.val_query} & {Path(r.path).name for r in data.val_gallery}
 
 
-def _pil_pipeline(size, train):
+def _pil_pipeline(size, train, flip_prob=0.5, pad=10, random_erasing=0.5):
     """The former transforms: torchvision's PIL pipeline, the reference of the uint8 one."""
     from torchvision import transforms as T
 
     steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
     if train:
-        steps += [T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(size)]
+        steps += [T.RandomHorizontalFlip(flip_prob)] if flip_prob > 0 else []
+        steps += [T.Pad(pad), T.RandomCrop(size)] if pad > 0 else []
     steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
-    if train:
-        steps.append(T.RandomErasing(p=0.5, value=0))
+    if train and random_erasing > 0:
+        steps.append(T.RandomErasing(p=random_erasing, value=0))
     return T.Compose(steps)
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_uint8_transforms_equal_the_pil_pipeline_bit_for_bit(synth_root, train):
+@pytest.mark.parametrize("train,flip_prob,pad,random_erasing", [
+    (False, 0.5, 10, 0.5), (True, 0.5, 10, 0.5), (True, 0.5, 2, 0.0), (True, 0.0, 0, 1.0), (True, 1.0, 30, 0.0)])
+def test_uint8_transforms_equal_the_pil_pipeline_bit_for_bit(synth_root, train, flip_prob, pad, random_erasing):
     from workbench.data import decode
 
     paths = sorted(str(p) for p in (synth_root / "train").rglob("*.png"))[:24]
-    ours = build_transforms((64, 32), train)
-    reference = _pil_pipeline((64, 32), train)
+    ours = build_transforms((64, 32), train, flip_prob, pad, random_erasing)
+    reference = _pil_pipeline((64, 32), train, flip_prob, pad, random_erasing)
+    changed = 0
     for seed, path in enumerate(paths):
         with Image.open(path) as img:
             torch.manual_seed(seed)
             expected = reference(img.convert("RGB"))
+            after_reference = torch.rand(1)
         torch.manual_seed(seed)
-        assert torch.equal(ours(decode(path, (64, 32))), expected), path
+        got = ours(decode(path, (64, 32)))
+        assert torch.equal(got, expected), path
+        assert torch.equal(torch.rand(1), after_reference), "the same number of random draws"
+        torch.manual_seed(seed)
+        changed += not torch.equal(got, build_transforms((64, 32), False)(decode(path, (64, 32))))
+    assert changed == 0 if not train else changed >= len(paths) - 2  # training transforms do change images
 
 
 def test_cached_images_give_the_same_batches_as_fresh_decoding(synth_root):

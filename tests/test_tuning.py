@@ -139,6 +139,23 @@ def test_feature_cache_computed_once_per_study(tune_config, tmp_path, monkeypatc
     assert len(calls) == 1
 
 
+def test_trials_write_no_last_checkpoint(tune_config, tmp_path, monkeypatch):
+    """A trial is replaced, never resumed: it writes BEST and FINAL but no LAST after each epoch,
+    which a plain run does."""
+    from workbench import runner, stages
+
+    tags = []
+    original = stages.save_checkpoint
+    monkeypatch.setattr(stages, "save_checkpoint", lambda path, **kw: tags.append(kw["tag"]) or original(path, **kw))
+    cfg = config.replace(tune_config, save_checkpoints=True, output_dir=str(tmp_path / "runs"))
+    runner.train_joint(cfg)
+    assert tags.count("LAST") == cfg.epochs_image and "FINAL" in tags
+    tags.clear()
+    options = TuneOptions(trials=1, study_name="nolast", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    run_study(cfg, options, log=lambda _: None, studies_dir=tmp_path / "studies")
+    assert "LAST" not in tags and {"BEST", "FINAL"} <= set(tags)
+
+
 def test_failing_trial_leaves_the_study_running(tune_config, tmp_path):
     cfg = config.replace(tune_config, tune={**tune_config.tune.__dict__,
                                             "space": {"n_ctx": {"type": "categorical", "choices": [4, 70]}}})

@@ -34,15 +34,19 @@ def save_curves(history: dict[str, list[tuple[int, float]]], path: str | Path, k
     keys = [k for k in keys if history.get(k)]
     if not keys:
         return None
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=False, squeeze=False)
+    height = 2.2 * len(keys)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, height), sharex=False, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         steps, values = zip(*history[key])
         ax.plot(steps, values, lw=1.2)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=9, y=1 - 0.15 / height)
+    # Fixed margins in inches: tight_layout measured every label and cost a second per picture,
+    # a few percent of a tuning trial.
+    fig.subplots_adjust(left=1.0 / 7, right=1 - 0.2 / 7, top=1 - 0.55 / height, bottom=0.5 / height,
+                        hspace=0.45)
     return _save(fig, path, dpi=90)
 
 

@@ -272,7 +272,7 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
             tracker.log_params(run_params(cfg))
             tracker.log_artifact(config_path)
         result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache, resume=resume,
-                             run_id=run_id)
+                             run_id=run_id, resumable=hint_resume)
         result.update(run_id=run_id, run_dir=str(run_dir))
         tracker.log_metrics({k: result[k] for k in END_KEYS if result.get(k) is not None}, step=0)
         plots = [(f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_metrics.png", EVAL_KEYS)]
@@ -410,7 +410,10 @@ def summary_line(result: dict) -> str:
 
 
 def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem: str, written: list[Path],
-                feature_cache: FeatureCache | None, resume: bool = False, run_id: str | None = None) -> dict:
+                feature_cache: FeatureCache | None, resume: bool = False, run_id: str | None = None,
+                resumable: bool = True) -> dict:
+    """Data, model and the stages of ``cfg.stage_mode``. Without ``resumable`` (a tuning trial,
+    which is replaced rather than resumed) no LAST checkpoint is written after each epoch."""
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
@@ -490,7 +493,9 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
         tracker.log_metrics({"prompt_stage_seconds": prompt["seconds"]}, step=0)
 
     if cfg.trains_image:
-        def checkpoint_path(tag: str) -> Path:
+        def checkpoint_path(tag: str) -> Path | None:
+            if tag == "LAST" and not resumable:
+                return None
             path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag=tag)
             if path not in written and tag != "LAST":
                 written.extend([path, path.with_name(path.stem + "_prompt.pth")])

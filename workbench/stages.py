@@ -501,7 +501,8 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     ``loaders`` is ``data.Loaders``; ``prompt_learner`` may be None when no loss needs text.
     ``checkpoint_path(tag)`` names the ``BEST`` / ``FINAL`` files; BEST is the epoch with the
     highest ``select_metric``; ``report(epoch, metrics)`` gets every validation (pruning hooks in
-    here). A ``LAST`` checkpoint is written after every epoch; ``resume_from`` (such a file)
+    here). A ``LAST`` checkpoint is written after every epoch (unless ``checkpoint_path("LAST")``
+    is None); ``resume_from`` (such a file)
     restores the whole training state and goes on from the epoch after it. At the end the BEST
     and FINAL models are evaluated once on the test split. Returns ``best_*`` and ``final_*``
     (selection split), ``test_*`` (BEST on test), ``final_test_*`` (FINAL on test), ``best_epoch``,
@@ -546,7 +547,10 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     spec = settings.feature_spec
 
     def save(tag: str, epoch: int) -> None:
-        save_checkpoint(checkpoint_path(tag), model=clip_model, optimizer=optimizer, scheduler=scheduler,
+        path = checkpoint_path(tag)
+        if path is None:  # not kept (LAST of a run that is never resumed)
+            return
+        save_checkpoint(path, model=clip_model, optimizer=optimizer, scheduler=scheduler,
                         classifier=branches[0][1], prompt_learner=prompt_learner,
                         extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
                         metadata={**(metadata or {}), "stage": "image", "progress": book.progress(step, start_step)},

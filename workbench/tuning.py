@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+import torch
 
 from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
@@ -215,12 +216,30 @@ def _check_database_url(url: str) -> None:
         raise StorageError(f"--storage: cannot open {url}: the folder {Path(database).parent} does not exist")
 
 
+@contextlib.contextmanager
+def _threads_per_worker(n_jobs: int, log: Callable[[str], None]):
+    """Each of ``n_jobs`` parallel trials gets its share of torch's CPU threads, then the count is
+    restored. Small models scale poorly over threads: two trials of one thread each run about
+    1.3x the rate of one trial after another on two threads (BENCHMARKS.md, "Tuning")."""
+    before = torch.get_num_threads()
+    share = max(1, before // n_jobs)
+    if share != before:
+        torch.set_num_threads(share)
+        log(f"{n_jobs} trials at a time: {share} CPU thread(s) each, of {before}")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_sampler(name: str, seed: int):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
+    # constant_liar: trials still running count as poor ones while TPE samples, so parallel workers
+    # (threads, processes, machines) do not propose the same region; one worker samples as before.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def build_pruner(name: str, epochs: int):
@@ -662,7 +681,8 @@ class Study:
             if self.options.n_jobs == 1:
                 self._worker(deadline)
             else:
-                with ThreadPoolExecutor(self.options.n_jobs) as pool:
+                with (_threads_per_worker(self.options.n_jobs, self.log),
+                      ThreadPoolExecutor(self.options.n_jobs) as pool):
                     futures = [pool.submit(self._worker, deadline) for _ in range(self.options.n_jobs)]
                     try:
                         for future in futures:

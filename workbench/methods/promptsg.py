@@ -383,7 +383,10 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
     module_group = len(visual_groups)
 
     def save(tag: str, epoch: int) -> None:
-        save_checkpoint(checkpoint_path(tag), model=clip_model, optimizer=optimizer, scheduler=scheduler,
+        path = checkpoint_path(tag)
+        if path is None:  # not kept (LAST of a run that is never resumed)
+            return
+        save_checkpoint(path, model=clip_model, optimizer=optimizer, scheduler=scheduler,
                         classifier=classifier, extra_modules={"center_loss": center},
                         extra_optimizers={"center": optimizer_center},
                         metadata={**(metadata or {}), "stage": "image", "progress": book.progress(step, start_step)},
