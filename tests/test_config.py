@@ -40,6 +40,9 @@ def test_unknown_key_suggests_closest(tmp_path):
     ("id_loss_weight=-1", "id_loss_weight"), ("val_identities=2.5", "val_identities"),
     ("val_identities=-1", "val_identities"), ("pixel_std=[0.5, 0.5]", "pixel_std"),
     ("i2t_label_smoothing=1.5", "i2t_label_smoothing"), ("bias_lr_factor=0", "bias_lr_factor"),
+    # scaling out: heartbeats of database studies
+    ("tune.heartbeat_interval=0", "tune.heartbeat_interval"), ("tune.grace_period=30", "tune.grace_period"),
+    ("tune.retry_failed=-1", "tune.retry_failed"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

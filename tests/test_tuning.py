@@ -156,6 +156,37 @@ def test_trials_write_no_last_checkpoint(tune_config, tmp_path, monkeypatch):
     assert "LAST" not in tags and {"BEST", "FINAL"} <= set(tags)
 
 
+def test_parallel_trials_are_pinned_to_the_visible_gpus(tune_config, tmp_path, monkeypatch):
+    """--n-jobs with several GPUs: worker i runs every trial of its own on cuda:(i mod GPUs)."""
+    import threading
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert tuning.trial_devices("auto", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert tuning.trial_devices("cuda", 2) == ["cuda:0", "cuda:1"]
+    assert tuning.trial_devices("cpu", 2) == [None, None] and tuning.trial_devices("cuda:1", 2) == [None, None]
+    seen = []
+    fake = fake_train_joint(tmp_path)
+
+    def train_joint(cfg, *args, **kwargs):
+        seen.append((threading.get_ident(), cfg.device))
+        time.sleep(0.2)  # long enough for both workers to claim trials
+        return fake(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "train_joint", train_joint)
+    options = TuneOptions(trials=6, study_name="gpus", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", n_jobs=2,
+                          sampler="random")
+    run_study(config.replace(tune_config, device="auto"), options, log=lambda _: None,
+              studies_dir=tmp_path / "studies")
+    by_worker = {}
+    for worker, device in seen:
+        by_worker.setdefault(worker, set()).add(device)
+    assert len(seen) == 6 and all(len(devices) == 1 for devices in by_worker.values())
+    assert set().union(*by_worker.values()) == {"cuda:0", "cuda:1"}
+
+
 def test_failing_trial_leaves_the_study_running(tune_config, tmp_path):
     cfg = config.replace(tune_config, tune={**tune_config.tune.__dict__,
                                             "space": {"n_ctx": {"type": "categorical", "choices": [4, 70]}}})

@@ -132,6 +132,15 @@ class TuneConfig:
     """tpe, random or cmaes."""
     keep_checkpoints: str = "best"
     """Checkpoints stored as MLflow artifacts: best (the best trial's only), all or none."""
+    heartbeat_interval: int = 30
+    """With a database storage (PostgreSQL, ...): seconds between a running trial's heartbeats
+    (Optuna's RDB heartbeat), by which workers on other machines learn that its worker is alive."""
+    grace_period: int | None = None
+    """Seconds without a heartbeat after which a running trial's worker counts as dead and the
+    trial is failed and replaced (None: 4 x heartbeat_interval)."""
+    retry_failed: int = 0
+    """How often a trial whose worker died is run again with the same values; 0: it is replaced
+    by a newly sampled trial."""
 
     def __post_init__(self):
         if self.metric not in TUNE_METRICS:
@@ -141,6 +150,13 @@ class TuneConfig:
         for key, allowed in (("pruner", PRUNERS), ("sampler", SAMPLERS), ("keep_checkpoints", ("best", "all", "none"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        if self.heartbeat_interval < 1:
+            raise ConfigError(f"heartbeat_interval: must be >= 1 second, got {self.heartbeat_interval}")
+        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
+            raise ConfigError(f"grace_period: must be longer than heartbeat_interval ({self.heartbeat_interval} s), "
+                              f"got {self.grace_period}")
+        if self.retry_failed < 0:
+            raise ConfigError(f"retry_failed: must be >= 0, got {self.retry_failed}")
         if not self.space:
             raise ConfigError("space: is empty; name at least one config key to search")
         for name, spec in self.space.items():

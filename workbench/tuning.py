@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,8 @@ FAULT = "fault: "  # prefix of the reason of a trial stopped by a fault of the e
 # Faults of the environment, not of the trial: every later trial would fail the same way.
 FAULTS = (TrackingError, ResourceError, StorageError)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# workbench records a claimed trial's heartbeats itself (_TrialHeartbeat), as Study.optimize does.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 class TrialPruned(RunStopped):
@@ -138,10 +142,26 @@ def _check_storage(study_name: str, storage: str | None, studies_dir: Path):
     return None, path, _read_journal(path, label) if path.exists() else None, label
 
 
-def _open_storage(url: str | None, path: Path | None, journal, label: str):
-    """The storage ``_check_storage`` found, its journal file (and folder) created when new."""
+def _open_storage(url: str | None, path: Path | None, journal, label: str,
+                  heartbeat: tuple[int, int] | None = None):
+    """The storage ``_check_storage`` found, its journal file (and folder) created when new. A
+    database gets Optuna's heartbeat when ``heartbeat`` (interval, grace period in seconds) is given."""
     if url is not None:
-        return url, url
+        if heartbeat is None:
+            return url, url
+        # Workers starting together on a new PostgreSQL database would race to create Optuna's
+        # tables (a unique violation in the catalogue): one at a time, under an advisory lock.
+        schema_lock = _advisory_lock(url, "tables") if _backend(url) == "postgresql" else contextlib.nullcontext
+        try:
+            with schema_lock(), warnings.catch_warnings():  # the heartbeat arguments are experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                                     heartbeat_interval=heartbeat[0], grace_period=heartbeat[1])
+        except StorageError:
+            raise
+        except Exception as err:  # an unreachable server, a refused login, a database that does not exist
+            raise StorageError(f"--storage: cannot open {url}: {_first_line(err)}") from None
+        return storage, url
     if journal is None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +213,12 @@ def _not_a_journal(head: bytes) -> str | None:
     return None if isinstance(entry, dict) and "op_code" in entry else "its first line is not a journal entry"
 
 
+def _backend(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).get_backend_name()
+
+
 def _check_database_url(url: str) -> None:
     """A database URL SQLAlchemy knows, whose driver is installed (a StorageError otherwise; an
     unknown scheme is a UsageError), and for SQLite whose folder exists: checked before the
@@ -214,6 +240,81 @@ def _check_database_url(url: str) -> None:
     if parsed.get_backend_name() == "sqlite" and database and database != ":memory:" \
             and not database.startswith("file:") and not Path(database).parent.is_dir():
         raise StorageError(f"--storage: cannot open {url}: the folder {Path(database).parent} does not exist")
+
+
+def _advisory_lock(url: str, name: str) -> Callable:
+    """Claims across machines: a PostgreSQL advisory lock keyed by the study name, held while a
+    worker claims a trial and released on unlock or when its connection (its worker) goes away."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    key = int.from_bytes(hashlib.blake2b(f"workbench.tune/{name}".encode(), digest_size=8).digest(), "big",
+                         signed=True)
+
+    @contextlib.contextmanager
+    def lock():
+        try:
+            connection = engine.connect()
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            raise StorageError(f"--storage: cannot open {url}: {_first_line(err)}") from None
+        try:
+            yield
+        finally:
+            try:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            finally:
+                connection.close()
+
+    return lock
+
+
+def _heartbeat_enabled(storage) -> bool:
+    """Whether ``storage`` (a study's, possibly Optuna's cache over an RDBStorage) keeps heartbeats.
+    Optuna's ask/tell interface has no public heartbeat calls; these are the ones its own
+    ``optimize`` loop uses."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+
+
+class _TrialHeartbeat:
+    """Records a running trial's heartbeat in its database every heartbeat interval, from a daemon
+    thread, until ``stop``; nothing for a storage without heartbeats (a journal file)."""
+
+    def __init__(self, storage, trial_id: int):
+        self._stopped = threading.Event()
+        self._thread = None
+        if _heartbeat_enabled(storage):
+            storage.record_heartbeat(trial_id)
+            self._thread = threading.Thread(target=self._beat, args=(storage, trial_id,
+                                                                     storage.get_heartbeat_interval()),
+                                            daemon=True, name=f"heartbeat-trial-{trial_id}")
+            self._thread.start()
+
+    def _beat(self, storage, trial_id: int, seconds: float) -> None:
+        while not self._stopped.wait(seconds):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a database hiccup: the next beat tries again; the grace period covers it
+                pass
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def trial_devices(device: str, n_jobs: int) -> list[str | None]:
+    """The device each of ``n_jobs`` parallel workers pins its trials to. With several GPUs
+    visible and ``device`` auto or cuda, worker i runs its trials on cuda:(i mod GPUs): one trial
+    per GPU at a time, or several on each when ``n_jobs`` is larger (a small model). Otherwise
+    None: every trial on the config's device."""
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        count = torch.cuda.device_count()
+        return [f"cuda:{i % count}" for i in range(n_jobs)]
+    return [None] * n_jobs
 
 
 @contextlib.contextmanager
@@ -282,7 +383,7 @@ def _replaced(trial: optuna.trial.FrozenTrial) -> bool:
     if trial.state != optuna.trial.TrialState.FAIL:
         return False
     reason = str(trial.user_attrs.get("fail_reason", ""))
-    return reason in (WORKER_ENDED, INTERRUPTED) or reason.startswith(FAULT)
+    return reason == INTERRUPTED or reason.startswith((WORKER_ENDED, FAULT))
 
 
 def _is_fault(err: BaseException) -> bool:
@@ -363,10 +464,21 @@ class Study:
         self.sampler_name = options.sampler or self.tune.sampler
         self.keep = options.keep_checkpoints or self.tune.keep_checkpoints
         self.tracking_uri = options.tracking_uri
-        # Wrong arguments first, then the tracking store: either refused leaves no study file behind.
+        # Wrong arguments first, then a database server (nothing is created here if it cannot be
+        # reached), then the tracking store, then the files here: what is refused leaves no study
+        # file behind.
         url, journal_path, journal, label = _check_storage(options.study_name, options.storage, studies_dir)
+        self.grace_period = self.tune.grace_period or 4 * self.tune.heartbeat_interval
+        heartbeat = (self.tune.heartbeat_interval, self.grace_period)
+        remote = url is not None and _backend(url) != "sqlite"
+        if remote:
+            self.storage, self.storage_label = _open_storage(url, None, None, label, heartbeat)
         self.tracker = MlflowTracker(self.tracking_uri)  # probes the store: TrackingError, TrackingUriError
-        self.storage, self.storage_label = _open_storage(url, journal_path, journal, label)
+        if not remote:
+            self.storage, self.storage_label = _open_storage(url, journal_path, journal, label, heartbeat)
+        # Across machines trials are claimed under a lock in the database itself (PostgreSQL); a
+        # journal file, and SQLite, live on one machine, where a file lock does.
+        self._db_lock = _advisory_lock(url, options.study_name) if url and _backend(url) == "postgresql" else None
         self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
         # No new trial starts once set; with _interrupt, running trials end too (``stop``).
         self.stopping = threading.Event()
@@ -468,10 +580,12 @@ class Study:
             self.study.enqueue_trial(values, user_attrs={"baseline": True})
 
     # ------------------------------------------------------------------ objective
-    def objective(self, trial: optuna.trial.Trial) -> float:
+    def objective(self, trial: optuna.trial.Trial, device: str | None = None) -> float:
+        """One trial: a complete run with the sampled values (on ``device`` when given)."""
         values = suggest_overrides(trial, self.tune.space)
+        pinned = {"device": device} if device else {}
         try:
-            cfg = config_module.replace(self.cfg, **values, output_dir=str(self.trial_dir(trial.number)))
+            cfg = config_module.replace(self.cfg, **values, **pinned, output_dir=str(self.trial_dir(trial.number)))
         except ConfigError as err:  # a sampled combination the config rejects
             trial.set_user_attr("fail_reason", str(err))
             raise
@@ -532,6 +646,7 @@ class Study:
                     path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ running
+    WATCH_SECONDS = 2.0  # how often a worker with nothing left to claim looks at the others' trials
     FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
     def counts(self) -> dict[str, int]:
@@ -572,52 +687,95 @@ class Study:
 
     @contextlib.contextmanager
     def _claim_lock(self):
-        """Threads of this process and processes on this machine take turns to claim a trial, so
-        the study never runs more than ``trials`` of them."""
-        with self._lock, open(self.lock_path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Threads of this process and processes on this machine (on every machine, with a
+        PostgreSQL storage) take turns to claim a trial, so the study never runs more than
+        ``trials`` of them."""
+        with self._lock:
+            if self._db_lock is not None:
+                with self._db_lock():
+                    yield
+                return
+            with open(self.lock_path, "a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _watched_elsewhere(self) -> bool:
+        """Whether another worker runs a trial whose death this worker would notice (its process on
+        this machine, or a heartbeat in the database): one that may still need replacing."""
+        host, heartbeats = socket.gethostname(), _heartbeat_enabled(self.study._storage)
+        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            worker = str(trial.user_attrs.get("worker", ""))
+            if worker != self.worker_id and (heartbeats or worker.rpartition(":")[0] == host):
+                return True
+        return False
 
     def _fail_dead_workers(self) -> None:
-        """Trials left RUNNING by a process of this machine that no longer exists (killed) are
-        marked FAIL, and their MLflow runs KILLED, so that they are replaced (call under the claim
-        lock)."""
-        host = socket.gethostname()
+        """Trials left RUNNING by a dead worker are marked FAIL, and their MLflow runs KILLED, so
+        that they are replaced (or retried, ``retry_failed``): a process of this machine that no
+        longer exists, or, with a database storage, a worker anywhere whose trial has had no
+        heartbeat for ``grace_period`` seconds (call under the claim lock)."""
+        host, storage = socket.gethostname(), self.study._storage  # Optuna has no public call to fail a foreign trial
+        stale = set(storage._get_stale_trial_ids(self.study._study_id)) if _heartbeat_enabled(storage) else set()
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+            worker = str(trial.user_attrs.get("worker", ""))
+            worker_host, _, pid = worker.rpartition(":")
             if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
-                storage = self.study._storage  # Optuna has no public call to fail a foreign trial
-                storage.set_trial_user_attr(trial._trial_id, "fail_reason", WORKER_ENDED)
+                reason, why = WORKER_ENDED, f"pid {pid}"
+            elif trial._trial_id in stale:
+                why = f"no heartbeat for {self.grace_period} s from {worker or 'its worker'}"
+                reason = f"{WORKER_ENDED} ({why})"
+            else:
+                continue
+            try:
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
                 storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-                run_id = trial.user_attrs.get(RUN_ATTR)
-                if run_id:
-                    _bookkeeping(f"mark the run {run_id} of trial {trial.number} KILLED", self._kill_run, run_id,
-                                 f"{WORKER_ENDED} (pid {pid})")
-                self.log(f"trial {trial.number:3d} FAIL     {WORKER_ENDED} (pid {pid}); it will be replaced")
+            except optuna.exceptions.UpdateFinishedTrialError:  # its worker, or another, finished it meanwhile
+                continue
+            run_id = trial.user_attrs.get(RUN_ATTR)
+            if run_id:
+                _bookkeeping(f"mark the run {run_id} of trial {trial.number} KILLED", self._kill_run, run_id,
+                             f"{WORKER_ENDED} ({why})")
+            retries = int(trial.user_attrs.get("retries", 0))
+            if retries < self.tune.retry_failed:
+                attrs = {"retry_of": trial.number, "retries": retries + 1} | (
+                    {"baseline": True} if trial.user_attrs.get("baseline") else {})
+                self.study.enqueue_trial(trial.params, user_attrs=attrs)
+                then = f"it will be retried with the same values (retry {retries + 1} of {self.tune.retry_failed})"
+            else:
+                then = "it will be replaced"
+            self.log(f"trial {trial.number:3d} FAIL     {WORKER_ENDED} ({why}); {then}")
 
     def _kill_run(self, run_id: str, reason: str) -> None:
         client = MlflowTracker(self.tracking_uri).client
         _tag_outcome(client, run_id, "FAIL", reason)
         client.set_terminated(run_id, "KILLED")
 
-    def _worker(self, deadline: float | None) -> None:
+    def _worker(self, deadline: float | None, device: str | None = None) -> None:
         """Claim and run trials until the study has enough, the deadline passes or ``stopping`` is
         set. Whatever ends a worker but the study being complete stops the other workers claiming."""
         try:
             while not self.stopping.is_set() and (deadline is None or time.time() < deadline):
+                trial = None
                 with self._claim_lock():
                     if self.stopping.is_set():
                         return
                     self._fail_dead_workers()
-                    if self._claimed() >= self.options.trials:
+                    if self._claimed() < self.options.trials:
+                        trial = self.study.ask()
+                        trial.set_user_attr("worker", self.worker_id)
+                        heartbeat = _TrialHeartbeat(self.study._storage, trial._trial_id)
+                    elif not self._watched_elsewhere():
                         return
-                    trial = self.study.ask()
-                    trial.set_user_attr("worker", self.worker_id)
+                if trial is None:
+                    # Every trial is claimed, but another worker's may still die and need replacing:
+                    # wait for them, so that the study ends with exactly ``trials`` counted ones.
+                    self.stopping.wait(self.WATCH_SECONDS)
+                    continue
                 try:
-                    value = self.objective(trial)
+                    value = self.objective(trial, device)
                     frozen = self.study.tell(trial, value)
                 except optuna.TrialPruned:
                     frozen = self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -631,6 +789,8 @@ class Study:
                         raise
                     # the study goes on; the reason is on the trial and its MLflow run
                     frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                finally:
+                    heartbeat.stop()
                 self._progress(self.study, frozen)
                 self._remove_surplus_checkpoints()
         except BaseException:
@@ -683,7 +843,10 @@ class Study:
             else:
                 with (_threads_per_worker(self.options.n_jobs, self.log),
                       ThreadPoolExecutor(self.options.n_jobs) as pool):
-                    futures = [pool.submit(self._worker, deadline) for _ in range(self.options.n_jobs)]
+                    devices = trial_devices(self.cfg.device, self.options.n_jobs)
+                    if devices[0] is not None:
+                        self.log(f"trials pinned to GPUs: worker i runs on cuda:(i mod {torch.cuda.device_count()})")
+                    futures = [pool.submit(self._worker, deadline, device) for device in devices]
                     try:
                         for future in futures:
                             future.result()
