@@ -2,18 +2,13 @@
 against `mlflow server` on 127.0.0.1. Needs Debian's chromium (.ci/run installs it)."""
 import json
 import re
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from servers import start_mlflow_server, stop_server
 from workbench import config
 from workbench.tuning import TuneOptions, run_study
 
@@ -22,38 +17,17 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tiny_config, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = config.replace(tiny_config, epochs_prompt=1, epochs_image=1, save_checkpoints=False)
     study = run_study(cfg, TuneOptions(trials=2, study_name="browser", tracking_uri=uri, sampler="random"),
                       log=lambda _: None, studies_dir=tmp_path / "studies")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if urllib.request.urlopen(base + "/health", timeout=2).read() == b"OK":
-                break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                os.killpg(server.pid, signal.SIGKILL)
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(0.5)
+    server, base = start_mlflow_server(uri, tmp_path / "artifacts")
     try:
         yield base, study
-    finally:  # the server's workers are in its process group
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    finally:
+        stop_server(server)
 
 
 def test_study_in_the_mlflow_ui(mlflow_server):

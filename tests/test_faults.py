@@ -3,7 +3,6 @@ nothing torn, and MLflow run states that tell what happened."""
 import ast
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -407,32 +406,13 @@ def test_output_dir_that_cannot_be_written_is_one_line(tiny_config, tmp_path, ca
 def test_a_real_tracking_server_going_away_and_coming_back(tiny_config, tmp_path, monkeypatch):
     """`mlflow server` stopped after epoch 1 and started again after epoch 2: the run goes on and
     every metric arrives."""
-    import signal
-    import subprocess
-    import urllib.request
+    from servers import free_port, start_mlflow_server, stop_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
 
     def start_server():
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                return server
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
-
-    def stop_server(server):
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        return start_mlflow_server(f"sqlite:///{tmp_path / 'srv.db'}", tmp_path / "artifacts", port)[0]
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     servers = [start_server()]

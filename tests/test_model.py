@@ -4,8 +4,7 @@ import torch
 
 from workbench.config import ConfigError
 from workbench.model import (PromptLearner, all_text_features, encode_prompt_embeddings, freeze_entire_clip_model,
-                             load_clip_with_patch, register_model_configs, resolve_model_name, text_features,
-                             unfreeze_clip_image_encoder)
+                             load_clip_with_patch, register_model_configs, resolve_model_name, text_features)
 
 
 @pytest.fixture(scope="module")
