@@ -187,6 +187,36 @@ def test_parallel_trials_are_pinned_to_the_visible_gpus(tune_config, tmp_path, m
     assert set().union(*by_worker.values()) == {"cuda:0", "cuda:1"}
 
 
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_by_its_age(tune_config, tmp_path,
+                                                                                  monkeypatch):
+    """Optuna never calls a trial stale that has no heartbeat at all (a worker killed between its
+    claim and its first beat, a workbench before heartbeats): past the grace period it is failed."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = config.replace(tune_config, tune={**tune_config.tune.__dict__, "heartbeat_interval": 1, "grace_period": 2})
+    ghost = optuna.create_study(study_name="ghost", storage=url, direction="maximize").ask()
+    ghost.set_user_attr("worker", "another-machine:4242")
+    time.sleep(2.5)
+    monkeypatch.setattr(tuning, "train_joint", fake_train_joint(tmp_path))
+    lines = []
+    study = run_study(cfg, TuneOptions(trials=1, study_name="ghost", storage=url,
+                                       tracking_uri=f"sqlite:///{tmp_path / 'm.db'}"),
+                      log=lines.append, studies_dir=tmp_path / "studies")
+    dead = study.trials[ghost.number]
+    assert dead.state == optuna.trial.TrialState.FAIL and dead.user_attrs["fail_reason"].startswith(WORKER_ENDED)
+    assert [t.state for t in study.trials[1:]] == [optuna.trial.TrialState.COMPLETE]
+    assert any("no heartbeat for 2 s from another-machine:4242" in line for line in lines)
+
+
+def test_a_database_that_stops_answering_is_a_fault():
+    """Optuna's storage error and a lost connection stop the study (the trial is replaced), as a
+    full disk or a tracking store that went away do; a trial's own error does not."""
+    import sqlalchemy
+
+    assert tuning._is_fault(optuna.exceptions.StorageInternalError("connection lost"))
+    assert tuning._is_fault(sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed")))
+    assert not tuning._is_fault(ValueError("a NaN loss"))
+
+
 def test_failing_trial_leaves_the_study_running(tune_config, tmp_path):
     cfg = config.replace(tune_config, tune={**tune_config.tune.__dict__,
                                             "space": {"n_ctx": {"type": "categorical", "choices": [4, 70]}}})

@@ -213,8 +213,9 @@ class MlflowTracker(NullTracker):
         try:
             yield run_id
             status, failed = "FINISHED", False
-        except RunStopped:
-            status, failed = "FINISHED", False  # stopped on purpose (a pruned trial): its numbers so far stand
+        except RunStopped as stop:
+            # stopped on purpose (a pruned trial): its numbers so far stand
+            status, failed = getattr(stop, "run_status", "FINISHED"), False
             raise
         except KeyboardInterrupt:
             status = "KILLED"
@@ -503,7 +504,11 @@ def _open_store(tracking_uri: str, timeout: float, must_exist: bool = False):
             import requests
 
             requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout)
-            return MlflowClient(tracking_uri=tracking_uri)
+            client = MlflowClient(tracking_uri=tracking_uri)
+            # /health answers even where the API refuses this client (a host name the server does
+            # not allow, a login it wants): ask the API too.
+            client.search_experiments(max_results=1)
+            return client
         if tracking_uri.startswith("sqlite:///"):
             return _open_sqlite_store(tracking_uri)
         client = MlflowClient(tracking_uri=tracking_uri)

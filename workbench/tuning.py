@@ -13,6 +13,7 @@ study stops there with that error, since every later trial would meet it too.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
 import hashlib
@@ -44,6 +45,7 @@ STUDIES_DIR = Path("studies")
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 SESSIONS_ATTR = "tune_sessions"
+SUMMARY_ATTR = "summary_at_trials"  # the counted trials when the summary was last written
 # A study's name names files under studies/: a plain name, never a path.
 STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 # Why a trial failed when it was not the trial's fault: it does not count and gets replaced.
@@ -59,6 +61,13 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 
 class TrialPruned(RunStopped):
     """The pruner stopped this trial after a validation epoch."""
+
+
+class TrialTakenOver(RunStopped):
+    """Another worker failed this trial (no heartbeat for the grace period: this worker was paused
+    or cut off) and replaced it: this worker drops it and leaves its MLflow run KILLED."""
+
+    run_status = "KILLED"
 
 
 @dataclass
@@ -131,7 +140,7 @@ def _check_storage(study_name: str, storage: str | None, studies_dir: Path):
     journal path, the journal read when the file exists else None, how messages name it)."""
     if storage and "://" in storage:
         _check_database_url(storage)
-        return storage, None, None, storage
+        return storage, None, None, _shown(storage)
     path = Path(storage) if storage else studies_dir / f"{check_study_name(study_name)}.journal"
     label = f"--storage {path}" if storage else str(path)
     if path.is_dir():
@@ -148,10 +157,10 @@ def _open_storage(url: str | None, path: Path | None, journal, label: str,
     database gets Optuna's heartbeat when ``heartbeat`` (interval, grace period in seconds) is given."""
     if url is not None:
         if heartbeat is None:
-            return url, url
+            return url, _shown(url)
         # Workers starting together on a new PostgreSQL database would race to create Optuna's
         # tables (a unique violation in the catalogue): one at a time, under an advisory lock.
-        schema_lock = _advisory_lock(url, "tables") if _backend(url) == "postgresql" else contextlib.nullcontext
+        schema_lock = _advisory_lock(url, "tables:optuna") if _backend(url) == "postgresql" else contextlib.nullcontext
         try:
             with schema_lock(), warnings.catch_warnings():  # the heartbeat arguments are experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -160,8 +169,8 @@ def _open_storage(url: str | None, path: Path | None, journal, label: str,
         except StorageError:
             raise
         except Exception as err:  # an unreachable server, a refused login, a database that does not exist
-            raise StorageError(f"--storage: cannot open {url}: {_first_line(err)}") from None
-        return storage, url
+            raise StorageError(f"--storage: cannot open {_shown(url)}: {_first_line(err)}") from None
+        return storage, _shown(url)
     if journal is None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +222,16 @@ def _not_a_journal(head: bytes) -> str | None:
     return None if isinstance(entry, dict) and "op_code" in entry else "its first line is not a journal entry"
 
 
+def _shown(url: str) -> str:
+    """A database URL as messages, tags and logs show it: without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: nothing to hide
+        return url
+
+
 def _backend(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -230,12 +249,14 @@ def _check_database_url(url: str) -> None:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError):
-        raise UsageError(f"--storage {url}: unknown scheme {url.split('://', 1)[0]}://; give a journal file or a "
+        scheme = url.split("://", 1)[0]
+        hint = "; PostgreSQL's scheme is postgresql://" if scheme == "postgres" else ""
+        raise UsageError(f"--storage {_shown(url)}: unknown scheme {scheme}://{hint}; give a journal file or a "
                          f"database URL (sqlite:///study.db, postgresql://..., mysql://...)") from None
     try:
         (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()
     except ImportError as err:
-        raise StorageError(f"--storage: cannot open {url}: its driver is not installed ({err})") from None
+        raise StorageError(f"--storage: cannot open {_shown(url)}: its driver is not installed ({err})") from None
     database = parsed.database or ""
     if parsed.get_backend_name() == "sqlite" and database and database != ":memory:" \
             and not database.startswith("file:") and not Path(database).parent.is_dir():
@@ -243,8 +264,9 @@ def _check_database_url(url: str) -> None:
 
 
 def _advisory_lock(url: str, name: str) -> Callable:
-    """Claims across machines: a PostgreSQL advisory lock keyed by the study name, held while a
-    worker claims a trial and released on unlock or when its connection (its worker) goes away."""
+    """Claims across machines: a PostgreSQL advisory lock keyed by ``name`` (``claim:<study>``),
+    held while a worker claims a trial and released on unlock or when its connection (its worker)
+    goes away."""
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
@@ -258,7 +280,7 @@ def _advisory_lock(url: str, name: str) -> Callable:
             connection = engine.connect()
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
         except sqlalchemy.exc.SQLAlchemyError as err:
-            raise StorageError(f"--storage: cannot open {url}: {_first_line(err)}") from None
+            raise StorageError(f"--storage: cannot open {_shown(url)}: {_first_line(err)}") from None
         try:
             yield
         finally:
@@ -277,6 +299,18 @@ def _heartbeat_enabled(storage) -> bool:
     from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
     return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+
+
+def _trials_with_heartbeat(storage, trial_ids: list[int]) -> set[int]:
+    """Which of ``trial_ids`` have a heartbeat row in the study's database (Optuna's own table)."""
+    import sqlalchemy
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    backend = getattr(storage, "_backend", storage)  # Optuna's cache wraps the RDBStorage
+    with backend.engine.connect() as connection:
+        rows = connection.execute(sqlalchemy.select(TrialHeartbeatModel.trial_id)
+                                  .where(TrialHeartbeatModel.trial_id.in_(trial_ids)))
+        return {row[0] for row in rows}
 
 
 class _TrialHeartbeat:
@@ -388,7 +422,15 @@ def _replaced(trial: optuna.trial.FrozenTrial) -> bool:
 
 def _is_fault(err: BaseException) -> bool:
     """A fault of the environment (store, disk, storage), which every later trial would meet too."""
-    return isinstance(err, FAULTS) or (isinstance(err, OSError) and err.errno in DISK_FULL)
+    return isinstance(err, FAULTS) or (isinstance(err, OSError) and err.errno in DISK_FULL) \
+        or _storage_down(err)
+
+
+def _storage_down(err: BaseException) -> bool:
+    """The study's database stopped answering (Optuna's storage error, SQLAlchemy's connection error)."""
+    import sqlalchemy
+
+    return isinstance(err, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError))
 
 
 def _fail_reason(err: BaseException) -> str:
@@ -478,7 +520,7 @@ class Study:
             self.storage, self.storage_label = _open_storage(url, journal_path, journal, label, heartbeat)
         # Across machines trials are claimed under a lock in the database itself (PostgreSQL); a
         # journal file, and SQLite, live on one machine, where a file lock does.
-        self._db_lock = _advisory_lock(url, options.study_name) if url and _backend(url) == "postgresql" else None
+        self._db_lock = _advisory_lock(url, f"claim:{options.study_name}") if url and _backend(url) == "postgresql" else None
         self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
         # No new trial starts once set; with _interrupt, running trials end too (``stop``).
         self.stopping = threading.Event()
@@ -595,7 +637,11 @@ class Study:
 
         def report(epoch: int, metrics: dict) -> None:
             self.check_interrupt()
-            trial.report(metrics[report_key], epoch)
+            try:
+                trial.report(metrics[report_key], epoch)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                raise TrialTakenOver(f"trial {trial.number} was failed meanwhile by another worker, which found "
+                                     f"no heartbeat from this one for {self.grace_period} s") from None
             if trial.should_prune():
                 raise TrialPruned(f"pruned after epoch {epoch} at {report_key} {metrics[report_key]:.2f}")
 
@@ -613,6 +659,8 @@ class Study:
             _bookkeeping(f"tag trial {trial.number} PRUNED", _tag_outcome, tracker.client, tracker.last_run_id,
                          "PRUNED")
             raise optuna.TrialPruned(str(stop)) from None
+        except TrialTakenOver:
+            raise
         except (Exception, KeyboardInterrupt) as err:
             reason = _fail_reason(err)
             trial.set_user_attr("fail_reason", reason)
@@ -718,13 +766,21 @@ class Study:
         longer exists, or, with a database storage, a worker anywhere whose trial has had no
         heartbeat for ``grace_period`` seconds (call under the claim lock)."""
         host, storage = socket.gethostname(), self.study._storage  # Optuna has no public call to fail a foreign trial
-        stale = set(storage._get_stale_trial_ids(self.study._study_id)) if _heartbeat_enabled(storage) else set()
-        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        stale, silent = set(), set()
+        if _heartbeat_enabled(storage) and running:
+            stale = set(storage._get_stale_trial_ids(self.study._study_id))
+            # A worker killed between claiming a trial and its first heartbeat (or a workbench
+            # before heartbeats) leaves a trial that Optuna never calls stale: judged by its age.
+            started = datetime.datetime.now() - datetime.timedelta(seconds=self.grace_period)
+            silent = {t._trial_id for t in running if t.datetime_start and t.datetime_start < started} \
+                - _trials_with_heartbeat(storage, [t._trial_id for t in running])
+        for trial in running:
             worker = str(trial.user_attrs.get("worker", ""))
             worker_host, _, pid = worker.rpartition(":")
             if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
                 reason, why = WORKER_ENDED, f"pid {pid}"
-            elif trial._trial_id in stale:
+            elif trial._trial_id in stale | silent:
                 why = f"no heartbeat for {self.grace_period} s from {worker or 'its worker'}"
                 reason = f"{WORKER_ENDED} ({why})"
             else:
@@ -756,6 +812,7 @@ class Study:
     def _worker(self, deadline: float | None, device: str | None = None) -> None:
         """Claim and run trials until the study has enough, the deadline passes or ``stopping`` is
         set. Whatever ends a worker but the study being complete stops the other workers claiming."""
+        waiting = False
         try:
             while not self.stopping.is_set() and (deadline is None or time.time() < deadline):
                 trial = None
@@ -772,6 +829,9 @@ class Study:
                 if trial is None:
                     # Every trial is claimed, but another worker's may still die and need replacing:
                     # wait for them, so that the study ends with exactly ``trials`` counted ones.
+                    if not waiting:
+                        waiting = True
+                        self.log("every trial is claimed; waiting for the other workers' running trials")
                     self.stopping.wait(self.WATCH_SECONDS)
                     continue
                 try:
@@ -779,6 +839,9 @@ class Study:
                     frozen = self.study.tell(trial, value)
                 except optuna.TrialPruned:
                     frozen = self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                except TrialTakenOver as lost:
+                    self.log(f"{lost}; this worker goes on")
+                    continue
                 except KeyboardInterrupt:
                     trial.set_user_attr("fail_reason", INTERRUPTED)
                     self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -786,6 +849,9 @@ class Study:
                 except Exception as err:
                     if _is_fault(err):  # not the trial's fault: it is replaced, and the study stops here
                         self._fail_on_fault(trial, err)
+                        if _storage_down(err):
+                            raise StorageError(f"--storage: the study's database {self.storage_label} stopped "
+                                               f"answering: {_first_line(err)}") from None
                         raise
                     # the study goes on; the reason is on the trial and its MLflow run
                     frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -856,7 +922,15 @@ class Study:
                         # error lets them finish but starts no new one.
                         self.stop(type(err) if isinstance(err, KeyboardInterrupt) else None)
                         raise
-            self.summarise()
+            if self._claim_summary():
+                try:
+                    self.summarise()
+                except BaseException:  # not written after all: the next worker or session writes it
+                    _bookkeeping("release the summary", self.study.set_user_attr, SUMMARY_ATTR, None)
+                    raise
+            else:  # written by the worker that ended the study; the parent run only needs to be ended
+                _bookkeeping("end the study's MLflow run", self.tracker.client.set_terminated, self.parent_run_id,
+                             "FAILED" if self.failure() else "FINISHED")
         except BaseException as err:  # the parent run says so (KILLED, FAILED); re-running the command resumes
             if isinstance(err, KeyboardInterrupt):  # also when it came while waiting for the workers to finish
                 self.stop(type(err))
@@ -866,6 +940,17 @@ class Study:
         if failure:
             raise StudyFailed(failure)
         return self.study
+
+    def _claim_summary(self) -> bool:
+        """Whether this worker writes the summary: the first to end the study at its current count
+        does (workers that end together would write the same tags into the parent run at once)."""
+        with self._claim_lock():
+            counts = self.counts()
+            done = counts["complete"] + counts["pruned"] + counts["failed"]
+            if self.study.user_attrs.get(SUMMARY_ATTR) == done:
+                return False
+            self.study.set_user_attr(SUMMARY_ATTR, done)
+            return True
 
     def summarise(self) -> None:
         """Best params and value, the trials table and Optuna's plots on the parent run; the best
