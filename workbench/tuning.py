@@ -160,7 +160,8 @@ def _open_storage(url: str | None, path: Path | None, journal, label: str,
             return url, _shown(url)
         # Workers starting together on a new PostgreSQL database would race to create Optuna's
         # tables (a unique violation in the catalogue): one at a time, under an advisory lock.
-        schema_lock = _advisory_lock(url, "tables:optuna") if _backend(url) == "postgresql" else contextlib.nullcontext
+        postgres = _backend(url) == "postgresql"
+        schema_lock = _advisory_lock(url, "tables:optuna") if postgres else contextlib.nullcontext
         try:
             with schema_lock(), warnings.catch_warnings():  # the heartbeat arguments are experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -354,8 +355,8 @@ def trial_devices(device: str, n_jobs: int) -> list[str | None]:
 @contextlib.contextmanager
 def _threads_per_worker(n_jobs: int, log: Callable[[str], None]):
     """Each of ``n_jobs`` parallel trials gets its share of torch's CPU threads, then the count is
-    restored. Small models scale poorly over threads: two trials of one thread each run about
-    1.3x the rate of one trial after another on two threads (BENCHMARKS.md, "Tuning")."""
+    restored. Small models scale poorly over threads: on 2 cores two one-thread trials finish
+    about 1.6x the epochs per second of one two-thread trial (BENCHMARKS.md, "The 50-trial study")."""
     before = torch.get_num_threads()
     share = max(1, before // n_jobs)
     if share != before:
