@@ -331,3 +331,30 @@ def test_val_every_validates_every_kth_epoch_and_the_last(tiny_config, tmp_path)
     assert not list(Path(result["run_dir"]).glob("*LAST*"))
     with pytest.raises(config.ConfigError, match="val_every: must be >= 1"):
         config.replace(cfg, val_every=0)
+
+
+def test_workers_starting_together_generate_the_dataset_once(tiny_config, tmp_path):
+    """The workers of a study start together on a missing synthetic dataset: one generates it, the
+    others wait for it and use it (they used to write into the same temporary folder)."""
+    import threading
+
+    from workbench.data import load_reid_dataset
+    from workbench.runner import ensure_dataset
+
+    cfg = config.replace(tiny_config, data_root=str(tmp_path / "made" / "hands"), synthesize_if_missing=True,
+                         synth_identities=4, synth_test_identities=2, synth_images_per_identity=3)
+    said, errors = [], []
+
+    def worker():
+        try:
+            ensure_dataset(cfg, said.append)
+        except Exception as err:  # reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(said) == 1
+    assert load_reid_dataset(cfg.data_root).num_classes == 4

@@ -116,13 +116,38 @@ def check_data_root(cfg: Config) -> Path:
 
 
 def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
+    """The data root, the synthetic dataset generated first when the config says so. Processes
+    that start together (the workers of a study) generate it once: under a file lock beside it."""
     root = check_data_root(cfg)
-    if not root.exists():
-        log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} training identities)")
-        synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed,
-                           test_identities=cfg.synth_test_identities,
-                           size=tuple(cfg.image_size))
+    if root.exists():
+        return root
+    with _dataset_lock(root):
+        if not root.exists():  # not made meanwhile by another process
+            log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} training identities)")
+            synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed,
+                               test_identities=cfg.synth_test_identities,
+                               size=tuple(cfg.image_size))
     return root
+
+
+@contextlib.contextmanager
+def _dataset_lock(root: Path):
+    """An exclusive lock on ``<root>.lock``; none where that file cannot be made (synthesize_dataset
+    then names the problem)."""
+    import fcntl
+
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(root.with_name(root.name + ".lock"), "a+")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_tags(cfg: Config) -> dict[str, str]:
