@@ -2,24 +2,27 @@
 import ast
 from pathlib import Path
 
-ORDER = ["errors", "config", "data", "prepare", "model", "heads", "losses", "evaluation", "pictures", "checkpoint",
-         "tracking", "stages", "methods", "runner", "tuning", "cli"]
+ORDER = ["errors", "distributed", "config", "data", "prepare", "model", "heads", "losses", "evaluation", "pictures",
+         "checkpoint", "tracking", "stages", "methods", "runner", "tuning", "cli"]
 ALLOWED = {
     "errors": set(),
+    "distributed": {"errors"},
     "config": {"errors"},
-    "data": {"errors", "config"},
+    "data": {"errors", "config", "distributed"},
     "prepare": {"errors", "config", "data"},
     "model": {"errors", "config"},
     "heads": {"errors", "config", "model"},
     "losses": {"errors"},
-    "evaluation": {"errors", "config", "model", "heads"},
+    "evaluation": {"errors", "distributed", "config", "model", "heads"},
     "pictures": {"errors"},
     "checkpoint": {"errors"},
     "tracking": {"errors", "config", "checkpoint"},
-    "stages": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint", "tracking"},
-    "methods": {"errors", "config", "model", "heads", "losses", "evaluation", "checkpoint", "tracking", "stages"},
-    "runner": {"errors", "config", "data", "model", "heads", "losses", "evaluation", "pictures", "checkpoint", "tracking",
-               "stages", "methods"},
+    "stages": {"errors", "distributed", "config", "data", "model", "heads", "losses", "evaluation", "checkpoint",
+               "tracking"},
+    "methods": {"errors", "distributed", "config", "model", "heads", "losses", "evaluation", "checkpoint", "tracking",
+                "stages"},
+    "runner": {"errors", "distributed", "config", "data", "model", "heads", "losses", "evaluation", "pictures",
+               "checkpoint", "tracking", "stages", "methods"},
     "tuning": {"errors", "config", "runner", "tracking"},
     "cli": set(ORDER) - {"cli"},
 }

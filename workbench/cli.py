@@ -9,7 +9,9 @@ traceback of every error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import logging
 import os
 import re
 import sys
@@ -36,15 +38,60 @@ def _one_line(err: BaseException) -> str:
 
 
 def cmd_run(args) -> int:
-    from . import config
+    from . import config, distributed
     from .runner import check_model_shapes, preflight, train_joint
     from .tracking import MlflowTracker, resolve_tracking_uri
 
     cfg = config.load(args.config, args.set)
-    preflight(cfg)
+    preflight(cfg, args.nproc)
     check_model_shapes(cfg)
-    tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
-    return _report(train_joint(cfg, tracker), tracker)
+    if args.nproc is not None and args.nproc > 1:
+        return _launch(args, ["run", args.config, *[a for kv in args.set for a in ("--set", kv)]])
+    with _process_group(cfg):
+        tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg)) if distributed.is_main() else None
+        result = train_joint(cfg, tracker)
+        return _report(result, tracker) if distributed.is_main() else 0
+
+
+@contextlib.contextmanager
+def _process_group(cfg):
+    """Under torchrun, the DDP process group for the time of the command."""
+    from . import distributed
+
+    distributed.setup(cfg.device)
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.ERROR)  # libraries' warnings (open_clip's) once, from rank 0
+    try:
+        yield
+    finally:
+        distributed.teardown()
+
+
+def _launch(args, command: list[str]) -> int:
+    """``workbench run/resume --nproc N``: ``command`` on N processes started by torch's elastic
+    launcher (what torchrun --standalone does); each rank prints its own errors, so a failure
+    ends in those lines and the first failed rank's exit status."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    argv = ["-m", "workbench", *command, *(["--tracking-uri", args.tracking_uri] if args.tracking_uri else [])]
+    if "OMP_NUM_THREADS" not in os.environ:  # the cores shared by the ranks (torchrun would say 1, with a warning)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # its reports repeat what the ranks said
+    try:
+        elastic_launch(launch, sys.executable)(*argv)
+    except ChildFailedError as err:
+        codes = [failure.exitcode for _, failure in sorted(err.failures.items())]
+        return next((code for code in codes if code > 0), 1)
+    except SignalException as err:  # Ctrl-C or SIGTERM, passed on to the ranks, which said what they did
+        return 128 + int(err.sigval)
+    return 0
 
 
 def _report(result: dict, tracker) -> int:
@@ -65,7 +112,7 @@ def _report(result: dict, tracker) -> int:
 
 def cmd_resume(args) -> int:
     """Continue an interrupted run from its folder (config, LAST checkpoint, MLflow run)."""
-    from . import config
+    from . import config, distributed
     from .runner import train_joint
     from .tracking import MlflowTracker, resolve_tracking_uri
 
@@ -74,9 +121,18 @@ def cmd_resume(args) -> int:
     if len(configs) != 1:
         raise ConfigError(f"{run_dir}: expected one *_config.yaml of a workbench run, found {len(configs)}")
     cfg = config.load(configs[0])
-    tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
-    _close_stale_runs(tracker, cfg.experiment, run_dir, "workbench resume")
-    return _report(train_joint(cfg, tracker, resume_dir=run_dir), tracker)
+    if args.nproc is not None and args.nproc > 1:
+        from .runner import preflight
+
+        preflight(cfg, args.nproc)
+        return _launch(args, ["resume", str(run_dir)])
+    with _process_group(cfg):
+        if not distributed.is_main():  # under torchrun rank 0 reopens the MLflow run
+            train_joint(cfg, None, resume_dir=run_dir)
+            return 0
+        tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
+        _close_stale_runs(tracker, cfg.experiment, run_dir, "workbench resume")
+        return _report(train_joint(cfg, tracker, resume_dir=run_dir), tracker)
 
 
 def _close_stale_runs(tracker, experiment: str, run_dir: Path | None, by: str) -> None:
@@ -118,10 +174,13 @@ def _study_name(config_path: str, overrides: list[str]) -> str:
 
 
 def cmd_tune(args) -> int:
-    from . import config
+    from . import config, distributed
     from .tracking import resolve_tracking_uri
     from .tuning import TuneOptions, default_tune_config, plain_study_name, run_study
 
+    if distributed.env_world_size() > 1:
+        raise UsageError("workbench tune runs trials, not DDP ranks: start it without torchrun (--n-jobs and more "
+                         "workers on one --storage spread a study over GPUs and machines)")
     config_path = args.config or default_tune_config()
     if not args.config:
         print(f"no config given: tuning {config_path}", file=sys.stderr)
@@ -231,6 +290,17 @@ def cmd_ui(args) -> int:
         raise ResourceError(f"{Path(ended.args[0]).name} {' '.join(ended.args[1:4])} stopped with exit status "
                             f"{ended.returncode} (its message is above)")
     return 0
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -472,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key (YAML value; dots for sections), repeatable")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, MLFLOW_TRACKING_URI, "
                                             "sqlite:///mlflow.db)")
+    run.add_argument("--nproc", type=_positive, metavar="N",
+                     help="train on N processes with DDP (one per GPU; gloo on the CPU), as torchrun "
+                          "--standalone --nproc-per-node N -m workbench run would")
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its folder",
@@ -479,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the numbers go to the same MLflow run.")
     resume.add_argument("run_dir", help="the run's folder under output_dir (printed by workbench run)")
     resume.add_argument("--tracking-uri", help="MLflow tracking URI of the original run")
+    resume.add_argument("--nproc", type=_positive, metavar="N", help="go on with DDP on N processes")
     resume.set_defaults(func=cmd_resume)
 
     tune = sub.add_parser("tune", help="Optuna study: every trial a complete run, tracked in MLflow",
@@ -597,6 +671,11 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _rank() -> str:
+    """This process's DDP rank as torchrun set it ("0" without torchrun)."""
+    return os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+
+
 def _debug(args) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("WORKBENCH_DEBUG", "") not in ("", "0")
 
@@ -611,15 +690,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Terminated:
-        print("terminated (SIGTERM)", file=sys.stderr)
+        if _rank() == "0":  # under DDP rank 0 speaks for all
+            print("terminated (SIGTERM)", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if _rank() == "0":
+            print("interrupted", file=sys.stderr)
         return 130
     except WorkbenchError as err:
         if _debug(args):
             traceback.print_exc()
-        print(f"workbench: error: {_one_line(err)}", file=sys.stderr)
+        rank = _rank()
+        if rank != "0" and isinstance(err, (ConfigError, UsageError)):
+            return err.exit_code  # the same mistake on every rank: rank 0 says it
+        print(f"workbench: error{'' if rank == '0' else f' (rank {rank})'}: {_one_line(err)}", file=sys.stderr)
         return err.exit_code
     except OSError as err:
         if err.errno not in _ENVIRONMENT_ERRNOS:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .distributed import ShardSampler
 from .errors import DataError, UsageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -420,12 +421,17 @@ class IdentitySampler(Sampler[list[int]]):
     fewer than K images are sampled with replacement); batches draw P identities at random among
     those with groups left. Deterministic for (seed, epoch): call ``set_epoch`` each epoch.
 
+    With ``ranks`` > 1 (DDP) every rank draws the same global batches and yields its share of
+    each: identities ``which * P / ranks`` up to the next rank's, all K images of each.
+
     ``len()`` is the number of batches this epoch really yields (the draw stops early when fewer
     than P identities have groups left), so per-epoch means divide by the right count; it runs
     the epoch's draw once (index arithmetic only) and caches it."""
 
-    def __init__(self, labels: Sequence[int], batch_size: int, num_instances: int, seed: int = 0):
+    def __init__(self, labels: Sequence[int], batch_size: int, num_instances: int, seed: int = 0,
+                 ranks: int = 1, which: int = 0):
         self.labels = np.asarray(labels)
+        self.ranks, self.which = ranks, which
         self.num_instances = num_instances
         self.num_ids_per_batch = batch_size // num_instances
         self.seed, self.epoch = seed, 0
@@ -433,6 +439,10 @@ class IdentitySampler(Sampler[list[int]]):
         if len(self.index_by_id) < self.num_ids_per_batch:
             raise DataError(f"batch_size {batch_size} needs {self.num_ids_per_batch} identities per batch but the "
                             f"training set has {len(self.index_by_id)}; lower batch_size")
+        if self.num_ids_per_batch % ranks:
+            raise DataError(f"batch_size {batch_size} holds {self.num_ids_per_batch} identities of num_instances "
+                            f"{num_instances} images, which {ranks} processes cannot share equally; make "
+                            f"batch_size / num_instances a multiple of {ranks}")
         groups = sum(max(1, len(ix) // num_instances) for ix in self.index_by_id.values())
         self._max_batches = groups // self.num_ids_per_batch
         self._cache: tuple[int, list[list[int]]] | None = None
@@ -444,7 +454,12 @@ class IdentitySampler(Sampler[list[int]]):
         return len(self._epoch_batches())
 
     def __iter__(self):
-        yield from self._epoch_batches()
+        if self.ranks == 1:
+            yield from self._epoch_batches()
+            return
+        share = len(self._epoch_batches()[0]) // self.ranks if self._epoch_batches() else 0
+        for batch in self._epoch_batches():  # this rank's identities of each global batch
+            yield batch[self.which * share:(self.which + 1) * share]
 
     def _epoch_batches(self) -> list[list[int]]:
         if self._cache is None or self._cache[0] != self.epoch:
@@ -497,8 +512,11 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
                   test_batch_size: int, num_workers: int, seed: int, flip_prob: float = 0.5, pad: int = 10,
                   random_erasing: float = 0.5, pin_memory: bool = False,
                   pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD,
-                  cache_images: bool = False, log: Callable[[str], None] | None = None) -> Loaders:
+                  cache_images: bool = False, log: Callable[[str], None] | None = None,
+                  shard: tuple[int, int] = (1, 0)) -> Loaders:
     """Train (PK batches), train_eval, query, gallery and, when ``data.has_validation``, val loaders.
+    ``shard`` = (ranks, this rank) under DDP: the training batches are this rank's share of each
+    global batch, and the other loaders read this rank's contiguous share of their images.
     With ``cache_images`` every image is decoded once (``DecodedImages``) unless they would take
     more than half of the memory available, which ``log`` then says."""
     images = None
@@ -520,18 +538,21 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
     train_tf = build_transforms(image_size, True, flip_prob, pad, random_erasing, pixel_mean, pixel_std)
     test_tf = build_transforms(image_size, False, mean=pixel_mean, std=pixel_std)
     index = data.class_to_idx
-    sampler = IdentitySampler(data.train_labels, batch_size, num_instances, seed)
+    ranks, which = shard
+    sampler = IdentitySampler(data.train_labels, batch_size, num_instances, seed, ranks, which)
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
 
     # Every DataLoader iterator draws a seed for its workers; from a generator of its own, so that
     # whether a loader runs (features cached or not) never shifts the global RNG of training.
     def plain(records, labels):
-        return DataLoader(ImageDataset(records, test_tf, labels, image_size, images), batch_size=test_batch_size,
-                          shuffle=False,
+        dataset = ImageDataset(records, test_tf, labels, image_size, images)
+        order = dict(sampler=ShardSampler(len(dataset), ranks, which)) if ranks > 1 else dict(shuffle=False)
+        return DataLoader(dataset, batch_size=test_batch_size, **order,
                           generator=torch.Generator().manual_seed(seed), **common)
 
+    # each rank's workers augment with their own seeds
     train = DataLoader(ImageDataset(data.train, train_tf, index, image_size, images), batch_sampler=sampler,
-                       generator=torch.Generator().manual_seed(seed), **common)
+                       generator=torch.Generator().manual_seed(seed + which), **common)
     val = data.has_validation
     return Loaders(train=train, train_eval=plain(data.train, index), query=plain(data.query, None),
                    gallery=plain(data.gallery, None), data=data, sampler=sampler,

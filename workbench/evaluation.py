@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distributed import ShardSampler, gather_rows
 from .heads import head_branches, image_features_for_head
 from .model import all_text_features
 from .errors import EvaluationError
@@ -278,7 +279,8 @@ def extract_features(clip_model: nn.Module, loader, device: torch.device, spec: 
                      amp: bool = False, normalize: bool = True, flip: bool = False) -> torch.Tensor:
     """Image features of every item of ``loader`` in order, as ``spec`` says, L2-normalised
     unless ``normalize`` is off (the prompt stage's raw features); with ``flip``, the mean of the
-    features of each image and its mirror image. Returns a float32 CPU tensor."""
+    features of each image and its mirror image. Returns a float32 CPU tensor. A loader that
+    reads one rank's share (``distributed.ShardSampler``) gives every rank the features of all."""
     was_training = clip_model.training
     clip_model.eval()
     feats = []
@@ -302,7 +304,10 @@ def extract_features(clip_model: nn.Module, loader, device: torch.device, spec: 
             f = (f + features(torch.flip(images, dims=[3]))) / 2
         feats.append(F.normalize(f, dim=1) if normalize else f)
     clip_model.train(was_training)
-    return torch.cat(feats).cpu()
+    local = torch.cat(feats) if feats else torch.zeros((0, 0), device=device)
+    if isinstance(getattr(loader, "sampler", None), ShardSampler):  # DDP: each rank read its share
+        local = gather_rows(local)
+    return local.cpu()
 
 
 @dataclass

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import config as config_module
+from . import distributed
 from .config import Config, build_filename
 from .errors import TrackingError, UsageError, os_error_message
 from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, records_digest, synthesize_dataset,
@@ -50,12 +51,13 @@ END_KEYS = ["best_rank1", "best_mAP", "best_mINP", "best_epoch", "prompt_rank1",
 
 
 def select_device(name: str) -> torch.device:
+    """The run's device; under torchrun each rank's own GPU (``cuda:LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise config_module.ConfigError(f"device: {name} requested but CUDA is not available")
-    return device
+    return distributed.device_for(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -87,13 +89,17 @@ class _LogFileHandler(logging.FileHandler):
                   f"console only", file=sys.stderr)
 
 
-def setup_logger(log_path: Path) -> logging.Logger:
-    """A logger writing to the run's .log file and to the console."""
-    logger = logging.getLogger(f"workbench.run.{log_path}")
+def setup_logger(log_path: Path | None) -> logging.Logger:
+    """A logger writing to the run's .log file and to the console; with no ``log_path`` (a DDP
+    rank other than 0) a silent one."""
+    logger = logging.getLogger(f"workbench.run.{log_path or f'rank{distributed.rank()}'}")
     logger.setLevel(logging.DEBUG)  # DEBUG lines (a failure's traceback) go to the file only
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
+    if log_path is None:
+        logger.addHandler(logging.NullHandler())
+        return logger
     file_handler = _LogFileHandler(log_path)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stderr)
@@ -191,12 +197,30 @@ class FeatureCache:
         return feats.to(device), labels.to(device)
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, ranks: int | None = None) -> None:
     """The config mistakes that can be found before anything starts (model name, device, data
-    folder): found here, they leave no run folder and no MLflow run behind."""
+    folder, what ``ranks`` processes (default: torchrun's) cannot run): found here, they leave
+    no run folder and no MLflow run behind."""
     resolve_model_name(cfg.model_type)
     select_device(cfg.device)
     check_data_root(cfg)
+    check_ranks(cfg, distributed.env_world_size() if ranks is None else ranks)
+
+
+def check_ranks(cfg: Config, ranks: int) -> None:
+    """What a run on ``ranks`` DDP processes needs: a method that runs under DDP and P x K
+    batches whose P identities the ranks share equally."""
+    if ranks <= 1:
+        return
+    if cfg.stage_mode == "promptsg":
+        raise config_module.ConfigError("stage_mode: promptsg runs in one process; multi-process (torchrun) runs "
+                                        "support the CLIP-ReID stage modes")
+    identities = cfg.batch_size // cfg.num_instances
+    if identities % ranks:
+        raise config_module.ConfigError(
+            f"batch_size: {cfg.batch_size} holds {identities} identities of num_instances {cfg.num_instances} "
+            f"images, which {ranks} processes cannot share equally; make batch_size / num_instances a multiple "
+            f"of {ranks}")
 
 
 def check_model_shapes(cfg: Config) -> None:
@@ -228,7 +252,8 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
     a finished prompt stage is loaded, not retrained, the image stage goes on after its last
     finished epoch, and the same MLflow run receives the numbers."""
     cfg = config_module.load(cfg) if isinstance(cfg, (str, Path)) else cfg
-    tracker = tracker or NullTracker()
+    main = distributed.is_main()
+    tracker = tracker if tracker is not None and main else NullTracker()  # under DDP only rank 0 logs
     preflight(cfg)
     stem = build_filename(cfg, cfg.epochs_image if cfg.trains_image else cfg.epochs_prompt,
                           "image" if cfg.trains_image else "prompt")
@@ -252,12 +277,15 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
         while run_dir.exists():  # two runs of one config within a second
             n += 1
             run_dir = base.with_name(f"{base.name}_{n}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise config_module.ConfigError(os_error_message(err, f"output_dir: cannot create the run folder {run_dir}"))
-    if not os.access(run_dir, os.W_OK):
-        raise config_module.ConfigError(f"output_dir: cannot write to {run_dir}; choose a folder you can write to")
+        run_dir = Path(distributed.broadcast_object(str(run_dir)))  # the DDP ranks share rank 0's folder
+    if main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise config_module.ConfigError(os_error_message(err, f"output_dir: cannot create the run folder "
+                                                                  f"{run_dir}"))
+        if not os.access(run_dir, os.W_OK):
+            raise config_module.ConfigError(f"output_dir: cannot write to {run_dir}; choose a folder you can write to")
     run_file = run_dir / f"{stem}_run.json"
     previous_run_id = json.loads(run_file.read_text())["run_id"] if resume_dir and run_file.exists() else None
     with contextlib.ExitStack() as stack:
@@ -266,7 +294,7 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 run_name or stem, cfg.experiment, tags=run_tags(cfg) | (extra_tags or {}),
                 parent_run_id=parent_run_id, run_id=previous_run_id, spool_dir=run_dir))
         except TrackingError:
-            if resume_dir is None:  # no run folder without its MLflow run
+            if resume_dir is None and main:  # no run folder without its MLflow run
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         if cfg.system_metrics or (cfg.system_metrics is None and select_device(cfg.device).type == "cuda"):
@@ -283,16 +311,23 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
     """The body of ``train_joint`` inside its MLflow run: log file, config, stages, plots,
     checkpoints; a failure's traceback goes to the log file, its one line to the caller. An
     interruption says how to resume (``hint_resume``; a tuning trial is replaced instead)."""
+    main = distributed.is_main()
     log_path = run_dir / f"{stem}.log"
-    logger = setup_logger(log_path)
+    logger = setup_logger(log_path if main else None)  # DDP ranks other than 0 write no files
     log = logger.info
-    removed = remove_stale_temporaries(run_dir) if resume else []
+    removed = remove_stale_temporaries(run_dir) if resume and main else []
     if removed:
         log(f"removed {len(removed)} partial file(s) of an interrupted save: {', '.join(p.name for p in removed)}")
-    config_path = atomic_write_text(run_dir / f"{stem}_config.yaml", cfg.to_yaml())
+    config_path = run_dir / f"{stem}_config.yaml"
+    if main:
+        atomic_write_text(config_path, cfg.to_yaml())
+        atomic_write_text(run_dir / f"{stem}_run.json", json.dumps({"run_id": run_id}))
     written: list[Path] = []
     try:
-        atomic_write_text(run_dir / f"{stem}_run.json", json.dumps({"run_id": run_id}))
+        if distributed.active():
+            log(f"DDP: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
+                f"{cfg.batch_size // distributed.world_size()} images per process of each {cfg.batch_size}-image "
+                f"batch; this is rank 0, which logs, prints and writes the files")
         if new_run:
             tracker.log_params(run_params(cfg))
             tracker.log_artifact(config_path)
@@ -303,7 +338,7 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
         plots = [(f"{stem}_losses.png", LOSS_KEYS), (f"{stem}_metrics.png", EVAL_KEYS)]
         plots.append((f"{stem}_promptsg.png", PROMPTSG_KEYS) if cfg.stage_mode == "promptsg" else
                      (f"{stem}_prompt.png", PROMPT_KEYS))
-        for name, keys in plots:
+        for name, keys in plots if main else []:
             plot = save_curves(tracker.history, run_dir / name, keys, stem)
             if plot is not None:
                 tracker.log_artifact(plot, "plots")
@@ -319,7 +354,8 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
         starts = [run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST"),
                   run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")]
         resumable = hint_resume and cfg.trains_image and any(path.is_file() for path in starts)
-        log(f"run {how}" + (f"; continue it with: workbench resume {run_dir}" if resumable else ""))
+        ranks = f" --nproc {distributed.world_size()}" if distributed.active() else ""
+        log(f"run {how}" + (f"; continue it with: workbench resume {run_dir}{ranks}" if resumable else ""))
         raise
     except BaseException as err:
         # The command line prints the one-line reason; the log file keeps the traceback.
@@ -328,7 +364,8 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
     finally:
         for handler in list(logger.handlers):
             handler.flush()
-        tracker.log_artifact(log_path)
+        if main:
+            tracker.log_artifact(log_path)
         for handler in list(logger.handlers):
             handler.close()
             logger.removeHandler(handler)
@@ -341,7 +378,8 @@ def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callab
     (loaders, clip_model, prompt_learner, feat_dim). Shared by runs and ``workbench eval``, which
     reads each image once and so passes ``cache_images=False`` (None: the config's key)."""
     loaders = build_loaders(data, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                            num_instances=cfg.num_instances, test_batch_size=cfg.test_batch_size,
+                            shard=(distributed.world_size(), distributed.rank()), num_instances=cfg.num_instances,
+                            test_batch_size=cfg.test_batch_size,
                             num_workers=cfg.num_workers, seed=cfg.seed, flip_prob=cfg.flip_prob, pad=cfg.pad,
                             random_erasing=cfg.random_erasing, pin_memory=device.type == "cuda",
                             pixel_mean=tuple(cfg.pixel_mean), pixel_std=tuple(cfg.pixel_std),
@@ -536,7 +574,8 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
                 clip_model, prompt_learner if cfg.stage_mode == "prompt_then_image" or not cfg.freeze_prompt else None,
                 loaders, ImageStageSettings.from_config(cfg), device, tracker, log, report, saves, metadata,
                 start_step=step, resume_from=resume_from)
-        last_path.unlink(missing_ok=True)  # FINAL holds the same state; LAST only serves resuming
+        if distributed.is_main():
+            last_path.unlink(missing_ok=True)  # FINAL holds the same state; LAST only serves resuming
         result.update({k: v for k, v in image.items() if k not in ("steps", "seconds")})
         result["image_stage_seconds"] = image["seconds"]
     result["total_seconds"] = time.perf_counter() - started

@@ -9,6 +9,7 @@ steps (one synchronisation), where they are checked for NaN and sent to the trac
 from __future__ import annotations
 
 import bisect
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .evaluation import EvalSplit, FeatureSpec, extract_features, validate, validate_stage1_prompts
@@ -200,6 +202,7 @@ class ImageStageSettings:
     log_every: int = 20
     max_rank: int = 50
     val_every: int = 1
+    seed: int = 0  # under DDP, ranks other than 0 draw their augmentation from it
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ImageStageSettings":
@@ -216,7 +219,7 @@ class ImageStageSettings:
                    train_text_encoder=cfg.train_text_encoder, logit_scale=cfg.contrastive_logit_scale,
                    train_feature=cfg.train_feature, pre_proj=cfg.test_feature == "proj_and_pre_proj",
                    eval_neck=cfg.eval_neck_feat, select_metric=cfg.select_metric, amp=cfg.amp,
-                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every)
+                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every, seed=cfg.seed)
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -262,22 +265,32 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
                                 settings.warmup_factor)
     scale = 1.0 if raw_dot else logit_scale_of(clip_model, settings.logit_scale)
     buffer = StepMetrics(tracker, "prompt")
+    run = distributed.data_parallel([prompt_learner], device)
+
+    def encode(lab: torch.Tensor) -> torch.Tensor:
+        """The text features of the batch's classes; under DDP each rank encodes its share of
+        the classes and every rank gets the whole batch's."""
+        start, end = distributed.shard_bounds(len(lab))
+        with autocast_for(device, settings.amp):
+            text = text_features(clip_model, prompt_learner, lab[start:end], normalize=not raw_dot).float()
+        return distributed.gather_rows(text, distributed.shard_sizes(len(lab)))
+
     n = image_feats.shape[0]
     batches = math.ceil(n / settings.batch_size)  # the last, partial batch too (as the official code)
     step = start_step
     epoch_loss = torch.zeros((), device=device)
     retrieval: dict = {}
     last: dict = {}
-    bar = tqdm(range(settings.epochs), desc="prompt stage", unit="epoch", dynamic_ncols=True)
+    bar = tqdm(range(settings.epochs), desc="prompt stage", unit="epoch", dynamic_ncols=True,
+               disable=not distributed.is_main())
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
-        perm = torch.randperm(n, device=device)
+        perm = distributed.broadcast(torch.randperm(n, device=device))  # one batch order for every rank
         epoch_loss.zero_()
         for b in range(batches):
             idx = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
             img, lab = image_feats[idx], labels[idx]
-            with autocast_for(device, settings.amp):
-                text = text_features(clip_model, prompt_learner, lab, normalize=not raw_dot).float()
+            text = run(encode, lab)
             loss_i2t = supcon_loss(img, text, lab, lab, scale)
             loss_t2i = supcon_loss(text, img, lab, lab, scale)
             loss = loss_i2t + loss_t2i + settings.reg_weight * prompt_l2(prompt_learner.ctx)
@@ -308,12 +321,14 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
     final_loss = float(epoch_loss) / batches
     log(f"prompt stage: {settings.epochs} epochs, loss {final_loss:.4f}, image-to-prompt rank1 "
         f"{retrieval.get('rank1', float('nan')):.2f} mAP {retrieval.get('mAP', float('nan')):.2f}")
-    if checkpoint_path is not None:
+    if checkpoint_path is not None and distributed.is_main():
         save_checkpoint(checkpoint_path, model=prompt_learner, optimizer=optimizer, scheduler=scheduler,
                         metadata={**(metadata or {}), "stage": "prompt", "progress": {"global_step": step}},
                         epoch=settings.epochs, train_loss=final_loss,
                         val_metrics={"prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"]},
                         tag="FINAL", log=log)
+    del run
+    gc.collect()  # this stage's DDP (and its gradient hooks on the prompt) is gone before the next one starts
     return {"prompt_loss": final_loss, "prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"],
             "steps": step - start_step, "seconds": time.perf_counter() - started,
             "image_feats": image_feats, "labels": labels}
@@ -510,6 +525,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     started = time.perf_counter()
     losses = build_loss(settings.loss_list)
     use_text = losses.needs_text and prompt_learner is not None
+    clip_model.visual = distributed.sync_batchnorm(clip_model.visual, device, log)
     params = _image_stage_trainables(clip_model, prompt_learner, settings, log)
     text_trains = use_text and (settings.train_text_encoder or not settings.freeze_prompt)
     optimizer = adam(_param_groups(clip_model, prompt_learner, params, settings), device)
@@ -548,7 +564,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
 
     def save(tag: str, epoch: int) -> None:
         path = checkpoint_path(tag)
-        if path is None:  # not kept (LAST of a run that is never resumed)
+        if path is None or not distributed.is_main():  # not kept (LAST of a run that is never resumed)
             return
         save_checkpoint(path, model=clip_model, optimizer=optimizer, scheduler=scheduler,
                         classifier=branches[0][1], prompt_learner=prompt_learner,
@@ -557,44 +573,58 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                         epoch=epoch, train_loss=book.train_loss, val_metrics=book.val_metrics, tag=tag,
                         log=log if tag != "LAST" else None, prompt_file=tag != "LAST")
 
+    run = distributed.data_parallel([clip_model, prompt_learner, center if losses.center else None], device)
+
+    def forward(images: torch.Tensor, labels: torch.Tensor):
+        """The losses of one batch: (loss, its parts, BNNeck features, logits, labels). Under DDP
+        ``images`` and ``labels`` are this rank's share; the features are gathered into the
+        global batch before the head, so every loss sees the whole batch."""
+        sizes = [len(labels)] * distributed.world_size()  # every rank's share is P / ranks identities x K
+        with autocast_for(device, settings.amp):
+            raw = [distributed.gather_rows(f, sizes)
+                   for f in image_features_for_head(clip_model, images, settings.pre_proj, normalized=False)]
+            if use_text and cached_text is None:
+                text = distributed.gather_rows(text_features(clip_model, prompt_learner, labels,
+                                                             normalize=not raw_dot).float(), sizes)
+            labels = distributed.gather_rows(labels, sizes)
+            feats = [F.normalize(f, dim=1) for f in raw] if normalized else raw
+            feats_bn = [bottleneck(f) for (bottleneck, _), f in zip(branches, feats)]
+            logits = [classifier(f, labels) for (_, classifier), f in zip(branches, feats_bn)]
+            if use_text and cached_text is not None:
+                text = cached_text if all_classes else cached_text[labels]
+        image_text = raw[0] if raw_dot else feats[0] if normalized else F.normalize(raw[0], dim=1)
+        parts = {
+            "id_loss": sum(id_loss(l, labels, settings.label_smoothing) for l in logits) if losses.id else zero,
+            "tri_loss": sum(triplet_loss(f, labels, settings.triplet_margin) for f in feats)
+            if losses.triplet else zero,
+            "center_loss": center(feats_bn[0], labels) if losses.center else zero,
+            "i2t_loss": zero, "t2i_loss": zero,
+        }
+        if use_text:
+            if losses.i2t:
+                parts["i2t_loss"] = (i2t_all_classes_loss(image_text, text, labels, scale,
+                                                          settings.i2t_label_smoothing) if all_classes
+                                     else supcon_loss(image_text, text, labels, labels, scale))
+            if losses.t2i:
+                parts["t2i_loss"] = supcon_loss(text, image_text, labels, labels, scale)
+        loss = (weights["id"] * parts["id_loss"] + weights["triplet"] * parts["tri_loss"]
+                + weights["i2t"] * parts["i2t_loss"] + weights["t2i"] * parts["t2i_loss"]
+                + settings.center_loss_weight * parts["center_loss"])
+        return loss, parts, feats_bn, logits
+
     for epoch in range(first_epoch, settings.epochs):
         loaders.sampler.set_epoch(epoch)
+        distributed.reseed_augmentation(settings.seed, epoch)
         clip_model.train()
         if prompt_learner is not None:
             prompt_learner.train()
         lr = optimizer.param_groups[0]["lr"]
         bar = tqdm(loaders.train, desc=f"image stage {epoch + 1}/{settings.epochs}", unit="batch",
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False, disable=not distributed.is_main())
         for images, labels, _, _ in bar:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with autocast_for(device, settings.amp):
-                raw = image_features_for_head(clip_model, images, settings.pre_proj, normalized=False)
-                feats = [F.normalize(f, dim=1) for f in raw] if normalized else raw
-                feats_bn = [bottleneck(f) for (bottleneck, _), f in zip(branches, feats)]
-                logits = [classifier(f, labels) for (_, classifier), f in zip(branches, feats_bn)]
-                if use_text:
-                    text = cached_text if all_classes else (
-                        cached_text[labels] if cached_text is not None else
-                        text_features(clip_model, prompt_learner, labels, normalize=not raw_dot).float())
-            image_text = raw[0] if raw_dot else feats[0] if normalized else F.normalize(raw[0], dim=1)
-            parts = {
-                "id_loss": sum(id_loss(l, labels, settings.label_smoothing) for l in logits) if losses.id else zero,
-                "tri_loss": sum(triplet_loss(f, labels, settings.triplet_margin) for f in feats)
-                if losses.triplet else zero,
-                "center_loss": center(feats_bn[0], labels) if losses.center else zero,
-                "i2t_loss": zero, "t2i_loss": zero,
-            }
-            if use_text:
-                if losses.i2t:
-                    parts["i2t_loss"] = (i2t_all_classes_loss(image_text, text, labels, scale,
-                                                              settings.i2t_label_smoothing) if all_classes
-                                         else supcon_loss(image_text, text, labels, labels, scale))
-                if losses.t2i:
-                    parts["t2i_loss"] = supcon_loss(text, image_text, labels, labels, scale)
-            loss = (weights["id"] * parts["id_loss"] + weights["triplet"] * parts["tri_loss"]
-                    + weights["i2t"] * parts["i2t_loss"] + weights["t2i"] * parts["t2i_loss"]
-                    + settings.center_loss_weight * parts["center_loss"])
+            loss, parts, feats_bn, logits = run(forward, images, labels)
             optimizer.zero_grad(set_to_none=True)
             optimizer_center.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,142 @@
+"""Multi-process (DDP) runs: torchrun's processes on the CPU with gloo, as on GPUs with NCCL.
+
+The end-to-end test launches ``workbench run --nproc 2`` (torch's elastic launcher, as
+torchrun does) and checks what the issue asks: it finishes, logs one MLflow run, and its
+checkpoint gives the same numbers in a single-process ``workbench eval``. Without
+augmentation a 2-process step is the single-process step (the ranks' shares are gathered
+into the global batch before the losses), so the logged losses equal a 1-process run's.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from workbench import config, distributed
+from workbench.cli import main
+from workbench.data import IdentitySampler
+from workbench.errors import DataError
+from workbench.runner import check_ranks, train_joint
+from workbench.tracking import MlflowTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+# identical inputs for every process count: no random augmentation
+NO_AUGMENTATION = {"flip_prob": 0.0, "pad": 0, "random_erasing": 0.0}
+
+
+def test_shards_cover_every_item_once_in_order():
+    for total in (0, 1, 5, 6, 7, 33):
+        for ranks in (1, 2, 3, 4):
+            bounds = [distributed.shard_bounds(total, ranks, r) for r in range(ranks)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [end - start for start, end in bounds]
+            assert max(sizes) - min(sizes) <= 1
+            sampler = distributed.ShardSampler(total, ranks, ranks - 1)
+            assert list(sampler) == list(range(*bounds[-1])) and sampler.sizes() == sizes
+
+
+def test_identity_sampler_ranks_share_each_global_batch():
+    labels = np.repeat(np.arange(12), 5)
+    whole = IdentitySampler(labels, batch_size=16, num_instances=4, seed=3)
+    ranks = [IdentitySampler(labels, batch_size=16, num_instances=4, seed=3, ranks=2, which=r) for r in (0, 1)]
+    for epoch in (0, 1):
+        for sampler in (whole, *ranks):
+            sampler.set_epoch(epoch)
+        batches = list(whole)
+        assert [len(r) for r in ranks] == [len(whole)] * 2  # every rank takes as many steps
+        for batch, first, second in zip(batches, *ranks):
+            assert first + second == batch  # rank order rebuilds the global batch
+            ids = [set(labels[first]), set(labels[second])]
+            assert len(ids[0]) == len(ids[1]) == 2 and not ids[0] & ids[1]  # different identities, K images each
+    with pytest.raises(DataError, match="cannot share equally"):
+        IdentitySampler(labels, batch_size=12, num_instances=4, seed=0, ranks=2)
+
+
+def test_configs_that_ranks_cannot_run_are_one_line_before_launching(tiny_config, capsys, monkeypatch):
+    check_ranks(tiny_config, 2)  # 4 identities per batch: 2 each
+    with pytest.raises(config.ConfigError, match="multiple of 3"):
+        check_ranks(tiny_config, 3)
+    for bad, expected in ((["--set", "batch_size=6"], "batch_size: 6 holds 3 identities"),
+                          (["--set", "stage_mode=promptsg"], "stage_mode: promptsg runs in one process")):
+        args = ["run", "experiments/quickstart.yaml", "--nproc", "2", "--set", f"data_root={tiny_config.data_root}",
+                "--set", "num_instances=2", *bad]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # tune started by torchrun
+    assert main(["tune", "experiments/quickstart.yaml", "--trials", "1"]) == 2
+    assert "runs trials, not DDP ranks" in capsys.readouterr().err
+
+
+def _workbench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "workbench", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def _test_line(stdout: str, which: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith(f"test  {which}"))
+
+
+def test_two_process_run_equals_one_process_and_its_checkpoint_evaluates_alone(tiny_config, tmp_path,
+                                                                               interrupted_run):
+    cfg = config.replace(tiny_config, epochs_prompt=1, epochs_image=2, **NO_AUGMENTATION)
+    overrides = [f"{k}={v}" for k, v in {**{k: getattr(cfg, k) for k in (
+        "data_root", "output_dir", "synthesize_if_missing", "epochs_prompt", "epochs_image", "batch_size",
+        "num_instances", "log_every", "test_batch_size", "device", "val_identities")},
+        "image_size": "[64,32]", **NO_AUGMENTATION}.items()]
+    sets = [a for kv in overrides for a in ("--set", kv)]
+
+    # the reference: one process, in this one
+    single_uri = f"sqlite:///{tmp_path / 'single.db'}"
+    single = train_joint(cfg, MlflowTracker(single_uri))
+
+    # two processes, launched as torchrun does
+    uri = f"sqlite:///{tmp_path / 'ddp.db'}"
+    done = _workbench("run", "experiments/quickstart.yaml", *sets, "--nproc", "2", "--tracking-uri", uri)
+    assert "DDP: 2 processes (gloo), 4 images per process of each 8-image batch" in done.stderr
+    assert done.stderr.count("image epoch 2/2") == 1  # rank 0 alone prints
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 alone logs
+    run = runs[0]
+    single_client = MlflowClient(single_uri)
+    for key in ("prompt_loss", "loss", "tri_loss", "center_loss", "i2t_loss", "mAP"):
+        np.testing.assert_allclose(_history(client, run.info.run_id, key),
+                                   _history(single_client, single["run_id"], key), rtol=1e-4, atol=1e-5, err_msg=key)
+    for key in ("test_rank1", "test_mAP", "final_test_mAP", "best_mAP"):
+        assert run.data.metrics[key] == pytest.approx(single[key], abs=1e-3), key
+    run_dir = Path(done.stdout.split("files in ")[1].split()[0])
+    assert len(list(run_dir.glob("*.log"))) == 1 and not list(run_dir.glob("*rank*"))  # one set of files
+
+    # the DDP checkpoint in a plain single-process evaluation: the run's FINAL test numbers
+    final = next(run_dir.glob("*_image_FINAL.pth"))
+    evaluated = _workbench("eval", "--checkpoint", str(final), "--tracking-uri", uri).stdout
+    numbers = [float(x) for x in re.findall(r"(?:rank1|rank5|rank10|mAP|mINP) ([\d.]+)", evaluated.splitlines()[-1])]
+    expected = [float(x) for x in re.findall(r"(?:rank1|rank5|rank10|mAP|mINP) ([\d.]+)", _test_line(done.stdout,
+                                                                                                   "FINAL"))]
+    assert numbers == expected
+
+    # a run interrupted after its first image epoch goes on under DDP: the same numbers again
+    resume_uri = f"sqlite:///{tmp_path / 'resume.db'}"
+    stopped = interrupted_run(cfg, MlflowTracker(resume_uri), at_epoch=1)
+    resumed = _workbench("resume", str(stopped), "--nproc", "2", "--tracking-uri", resume_uri)
+    assert "resuming the image stage after epoch 1" in resumed.stderr
+    assert _test_line(resumed.stdout, "BEST") == _test_line(done.stdout, "BEST")
+    assert _test_line(resumed.stdout, "FINAL") == _test_line(done.stdout, "FINAL")
+    run_id = json.loads(next(stopped.glob("*_run.json")).read_text())["run_id"]
+    resumed_client = MlflowClient(resume_uri)
+    assert resumed_client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in resumed_client.get_metric_history(run_id, "mAP")] == [1, 2]
