@@ -63,7 +63,7 @@ def test_configs_that_ranks_cannot_run_are_one_line_before_launching(tiny_config
     with pytest.raises(config.ConfigError, match="multiple of 3"):
         check_ranks(tiny_config, 3)
     for bad, expected in ((["--set", "batch_size=6"], "batch_size: 6 holds 3 identities"),
-                          (["--set", "stage_mode=promptsg"], "stage_mode: promptsg runs in one process")):
+                          (["--set", "image_size=[64]"], "image_size")):
         args = ["run", "experiments/quickstart.yaml", "--nproc", "2", "--set", f"data_root={tiny_config.data_root}",
                 "--set", "num_instances=2", *bad]
         assert main(args) == 2
@@ -90,40 +90,51 @@ def _test_line(stdout: str, which: str) -> str:
     return next(line for line in stdout.splitlines() if line.startswith(f"test  {which}"))
 
 
-def test_two_process_run_equals_one_process_and_its_checkpoint_evaluates_alone(tiny_config, tmp_path,
-                                                                               interrupted_run):
-    cfg = config.replace(tiny_config, epochs_prompt=1, epochs_image=2, **NO_AUGMENTATION)
+def _two_processes_against_one(cfg: config.Config, experiment_file: str, tmp_path: Path, keys: tuple[str, ...],
+                               rtol: float = 1e-4):
+    """Run ``cfg`` (augmentation off) in this process and with ``workbench run --nproc 2``; check
+    that the second logs one MLflow run whose ``keys`` histories and test numbers equal the
+    first's (to ``rtol``: float sums in another order, then a few optimizer steps). Returns (the
+    2-process command's output, its run folder)."""
     overrides = [f"{k}={v}" for k, v in {**{k: getattr(cfg, k) for k in (
         "data_root", "output_dir", "synthesize_if_missing", "epochs_prompt", "epochs_image", "batch_size",
         "num_instances", "log_every", "test_batch_size", "device", "val_identities")},
-        "image_size": "[64,32]", **NO_AUGMENTATION}.items()]
-    sets = [a for kv in overrides for a in ("--set", kv)]
-
-    # the reference: one process, in this one
+        "image_size": json.dumps(list(cfg.image_size)).replace(" ", ""), **NO_AUGMENTATION}.items()]
     single_uri = f"sqlite:///{tmp_path / 'single.db'}"
-    single = train_joint(cfg, MlflowTracker(single_uri))
+    single = train_joint(cfg, MlflowTracker(single_uri))  # the reference: one process, this one
 
-    # two processes, launched as torchrun does
-    uri = f"sqlite:///{tmp_path / 'ddp.db'}"
-    done = _workbench("run", "experiments/quickstart.yaml", *sets, "--nproc", "2", "--tracking-uri", uri)
+    uri = f"sqlite:///{tmp_path / 'ddp.db'}"  # two processes, launched as torchrun does
+    done = _workbench("run", experiment_file, *[a for kv in overrides for a in ("--set", kv)], "--nproc", "2",
+                      "--tracking-uri", uri)
     assert "DDP: 2 processes (gloo), 4 images per process of each 8-image batch" in done.stderr
-    assert done.stderr.count("image epoch 2/2") == 1  # rank 0 alone prints
+    assert done.stderr.count(f"epoch {cfg.epochs_image}/{cfg.epochs_image}: loss") == 1  # rank 0 alone prints
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 alone logs
     run = runs[0]
     single_client = MlflowClient(single_uri)
-    for key in ("prompt_loss", "loss", "tri_loss", "center_loss", "i2t_loss", "mAP"):
+    for key in keys:
         np.testing.assert_allclose(_history(client, run.info.run_id, key),
-                                   _history(single_client, single["run_id"], key), rtol=1e-4, atol=1e-5, err_msg=key)
+                                   _history(single_client, single["run_id"], key), rtol=rtol, atol=1e-5, err_msg=key)
     for key in ("test_rank1", "test_mAP", "final_test_mAP", "best_mAP"):
         assert run.data.metrics[key] == pytest.approx(single[key], abs=1e-3), key
     run_dir = Path(done.stdout.split("files in ")[1].split()[0])
     assert len(list(run_dir.glob("*.log"))) == 1 and not list(run_dir.glob("*rank*"))  # one set of files
+    return done, run_dir
+
+
+def test_two_process_run_equals_one_process_and_its_checkpoint_evaluates_alone(tiny_config, tmp_path,
+                                                                               interrupted_run, capsys):
+    cfg = config.replace(tiny_config, epochs_prompt=1, epochs_image=2, **NO_AUGMENTATION)
+    done, run_dir = _two_processes_against_one(cfg, "experiments/quickstart.yaml", tmp_path,
+                                               ("prompt_loss", "prompt_grad", "loss", "tri_loss", "center_loss",
+                                                "i2t_loss", "feat_norm", "mAP"))
 
     # the DDP checkpoint in a plain single-process evaluation: the run's FINAL test numbers
     final = next(run_dir.glob("*_image_FINAL.pth"))
-    evaluated = _workbench("eval", "--checkpoint", str(final), "--tracking-uri", uri).stdout
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(final), "--tracking-uri", f"sqlite:///{tmp_path / 'eval.db'}"]) == 0
+    evaluated = capsys.readouterr().out
     numbers = [float(x) for x in re.findall(r"(?:rank1|rank5|rank10|mAP|mINP) ([\d.]+)", evaluated.splitlines()[-1])]
     expected = [float(x) for x in re.findall(r"(?:rank1|rank5|rank10|mAP|mINP) ([\d.]+)", _test_line(done.stdout,
                                                                                                    "FINAL"))]
@@ -140,3 +151,14 @@ def test_two_process_run_equals_one_process_and_its_checkpoint_evaluates_alone(t
     resumed_client = MlflowClient(resume_uri)
     assert resumed_client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in resumed_client.get_metric_history(run_id, "mAP")] == [1, 2]
+
+
+def test_promptsg_on_two_processes_equals_one(synth_root, tmp_path):
+    """PromptSG too: its inversion network's BatchNorm normalises over the gathered batch."""
+    cfg = config.load("experiments/promptsg_quickstart.yaml", [
+        f"data_root={synth_root}", f"output_dir={tmp_path / 'runs'}", "synthesize_if_missing=false",
+        "epochs_image=2", "batch_size=8", "num_instances=2", "log_every=2", "test_batch_size=32", "device=cpu",
+        "val_identities=2", *(f"{k}={v}" for k, v in NO_AUGMENTATION.items())])
+    _two_processes_against_one(cfg, "experiments/promptsg_quickstart.yaml", tmp_path,
+                               ("loss", "id_loss", "tri_loss", "i2t_loss", "t2i_loss", "pos_cos", "grad_visual",
+                                "grad_mim", "composed_mAP", "prompt_sensitivity"), rtol=1e-3)

@@ -190,6 +190,17 @@ def data_parallel(modules: Sequence[nn.Module | None], device: torch.device) -> 
                                                static_graph=True)
 
 
+def batch_norm_over_ranks(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` (a BatchNorm of rows) with training statistics over the global batch: the
+    ranks' rows (equal shares) are gathered, normalised together, and each rank keeps its own.
+    Exact, gradients included (see ``_GatherRows``), and on gloo too, where SyncBatchNorm does
+    not run."""
+    if not (active() and norm.training):
+        return norm(x)
+    start = rank() * len(x)
+    return norm(gather_rows(x, [len(x)] * world_size()))[start:start + len(x)]
+
+
 def sync_batchnorm(module: nn.Module, device: torch.device, log: Callable[[str], None]) -> nn.Module:
     """BatchNorm layers inside ``module`` (a ResNet's) compute their statistics over the whole
     global batch on GPUs (SyncBatchNorm). On the CPU, which SyncBatchNorm does not support,

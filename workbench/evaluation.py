@@ -304,10 +304,16 @@ def extract_features(clip_model: nn.Module, loader, device: torch.device, spec: 
             f = (f + features(torch.flip(images, dims=[3]))) / 2
         feats.append(F.normalize(f, dim=1) if normalize else f)
     clip_model.train(was_training)
-    local = torch.cat(feats) if feats else torch.zeros((0, 0), device=device)
-    if isinstance(getattr(loader, "sampler", None), ShardSampler):  # DDP: each rank read its share
+    return gather_shards(feats, loader, device).cpu()
+
+
+def gather_shards(batches: list[torch.Tensor], loader, device: torch.device) -> torch.Tensor:
+    """The rows of ``batches`` (what ``loader`` gave, in order) joined; when the loader reads one
+    DDP rank's share (``distributed.ShardSampler``), every rank's, in the loader's full order."""
+    local = torch.cat(batches) if batches else torch.zeros((0, 0), device=device)
+    if isinstance(getattr(loader, "sampler", None), ShardSampler):
         local = gather_rows(local)
-    return local.cpu()
+    return local
 
 
 @dataclass

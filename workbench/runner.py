@@ -208,13 +208,10 @@ def preflight(cfg: Config, ranks: int | None = None) -> None:
 
 
 def check_ranks(cfg: Config, ranks: int) -> None:
-    """What a run on ``ranks`` DDP processes needs: a method that runs under DDP and P x K
-    batches whose P identities the ranks share equally."""
+    """What a run on ``ranks`` DDP processes needs: P x K batches whose P identities the ranks
+    share equally."""
     if ranks <= 1:
         return
-    if cfg.stage_mode == "promptsg":
-        raise config_module.ConfigError("stage_mode: promptsg runs in one process; multi-process (torchrun) runs "
-                                        "support the CLIP-ReID stage modes")
     identities = cfg.batch_size // cfg.num_instances
     if identities % ranks:
         raise config_module.ConfigError(

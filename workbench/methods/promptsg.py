@@ -30,9 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
-from ..evaluation import EvalSplit, FeatureSpec, as_percent, cosine_distance, reid_metrics
+from ..evaluation import EvalSplit, FeatureSpec, as_percent, cosine_distance, gather_shards, reid_metrics
 from ..heads import head_branches, head_parameters
 from ..losses import CenterLoss, LossSet, build_loss, id_loss, supcon_loss, triplet_loss
 from ..model import (check_prompt_fits, encode_image_tokens, encode_prompt_embeddings, freeze_entire_clip_model,
@@ -65,7 +66,7 @@ class InversionNetwork(nn.Module):
         nn.init.constant_(self.norm.weight, word_norm / math.sqrt(width))
 
     def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.mlp(image_feats))
+        return distributed.batch_norm_over_ranks(self.norm, self.mlp(image_feats))
 
 
 class MultimodalInteraction(nn.Module):
@@ -257,7 +258,7 @@ def validate_promptsg(clip_model: nn.Module, split: EvalSplit, device: torch.dev
             chosen = composed if settings.eval_prompt == "composed" else simplified
             raw = chosen["feature"].float()
             parts["logits"].append(classifier(bottleneck(F.normalize(raw, dim=1) if normalized else raw)).float())
-        return {k: torch.cat(v).cpu() for k, v in parts.items()}
+        return {k: gather_shards(v, loader, device).cpu() for k, v in parts.items()}
 
     query, gallery = extract(split.query), extract(split.gallery)
     clip_model.train(was_training)
@@ -316,10 +317,16 @@ def promptsg_loss(clip_model: nn.Module, images: torch.Tensor, labels: torch.Ten
     interaction module's output through the BNNeck, plus lambda x SupCon between the global
     image feature and the composed prompt's l_p in both directions (``i2t``/``t2i`` of
     ``losses``). Returns (loss, its parts, the forward pass with ``feat``, ``feat_bn``,
-    ``logits`` and the L2-normalised ``image`` and ``text_unit``)."""
+    ``logits`` and the L2-normalised ``image`` and ``text_unit``). Under DDP ``images`` and
+    ``labels`` are this rank's share: the features are gathered into the global batch before the
+    head and the losses (``pseudo`` and ``attn`` stay this rank's)."""
     bottleneck, classifier = head_branches(clip_model)[0]
     with autocast_for(images.device, settings.amp):
         out = forward_promptsg(clip_model, images, "composed")
+        sizes = [len(labels)] * distributed.world_size()
+        for key in ("feature", "global", "text"):
+            out[key] = distributed.gather_rows(out[key], sizes)
+        labels = distributed.gather_rows(labels, sizes)
         feat = out["feature"].float()
         out["feat"] = F.normalize(feat, dim=1) if settings.train_feature == "normalized" else feat
         out["feat_bn"] = bottleneck(out["feat"])
@@ -349,6 +356,7 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
     started = time.perf_counter()
     psg = clip_model.promptsg
     losses = build_loss(settings.loss_list)
+    clip_model.visual = distributed.sync_batchnorm(clip_model.visual, device, log)
     params = _trainables(clip_model, log)
     named = list(clip_model.named_parameters())
     visual_groups = param_groups(named, params["visual"], settings.lr, settings.weight_decay,
@@ -384,7 +392,7 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
 
     def save(tag: str, epoch: int) -> None:
         path = checkpoint_path(tag)
-        if path is None:  # not kept (LAST of a run that is never resumed)
+        if path is None or not distributed.is_main():  # not kept (LAST of a run that is never resumed)
             return
         save_checkpoint(path, model=clip_model, optimizer=optimizer, scheduler=scheduler,
                         classifier=classifier, extra_modules={"center_loss": center},
@@ -393,16 +401,18 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
                         epoch=epoch, train_loss=book.train_loss, val_metrics=book.val_metrics, tag=tag,
                         log=log if tag != "LAST" else None)
 
+    run = distributed.data_parallel([clip_model, center if losses.center else None], device)
     for epoch in range(first_epoch, settings.epochs):
         loaders.sampler.set_epoch(epoch)
+        distributed.reseed_augmentation(settings.seed, epoch)
         clip_model.train()
         lr, lr_module = optimizer.param_groups[0]["lr"], optimizer.param_groups[module_group]["lr"]
         bar = tqdm(loaders.train, desc=f"promptsg {epoch + 1}/{settings.epochs}", unit="batch", dynamic_ncols=True,
-                   leave=False)
+                   leave=False, disable=not distributed.is_main())
         for images, labels, _, _ in bar:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            loss, parts, out = promptsg_loss(clip_model, images, labels, settings, losses, scale, center)
+            loss, parts, out = run(promptsg_loss, clip_model, images, labels, settings, losses, scale, center)
             optimizer.zero_grad(set_to_none=True)
             optimizer_center.zero_grad(set_to_none=True)
             loss.backward()
