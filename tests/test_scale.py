@@ -142,3 +142,27 @@ def test_an_unreachable_database_is_one_line_and_no_study(tiny_config, tmp_path,
     assert status == 1 and len(err) == 1 and err[0].startswith(f"workbench: error: --storage: cannot open {shown}")
     assert "s3cret" not in err[0]
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_session_paused_inside_a_transaction_is_ended_after_the_grace_period(servers):
+    """A worker paused (SIGSTOP, a suspended machine) while it holds the claim lock, or row locks
+    inside a transaction, would block every other worker: its PostgreSQL sessions carry
+    idle_in_transaction_session_timeout = the grace period, so the server ends them and the
+    others go on; the paused worker's own unlock, when it comes back, is quiet."""
+    import threading
+
+    from workbench.tuning import _advisory_lock
+
+    storage, _ = servers
+    paused = _advisory_lock(storage, "claim:paused", grace_period=1)()
+    paused.__enter__()  # holds the lock inside a transaction, then says nothing: a paused worker
+    taken = threading.Event()
+
+    def other_worker():
+        with _advisory_lock(storage, "claim:paused", grace_period=1)():
+            taken.set()
+
+    thread = threading.Thread(target=other_worker, daemon=True)
+    thread.start()
+    assert taken.wait(timeout=20), "the other worker still waits for the paused session's lock"
+    paused.__exit__(None, None, None)  # back from the pause: its session is gone, and so is its lock

@@ -161,11 +161,12 @@ def _open_storage(url: str | None, path: Path | None, journal, label: str,
         # Workers starting together on a new PostgreSQL database would race to create Optuna's
         # tables (a unique violation in the catalogue): one at a time, under an advisory lock.
         postgres = _backend(url) == "postgresql"
-        schema_lock = _advisory_lock(url, "tables:optuna") if postgres else contextlib.nullcontext
+        schema_lock = _advisory_lock(url, "tables:optuna", heartbeat[1]) if postgres else contextlib.nullcontext
         try:
             with schema_lock(), warnings.catch_warnings():  # the heartbeat arguments are experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True,
+                                                                         **_session_limits(url, heartbeat[1])},
                                                      heartbeat_interval=heartbeat[0], grace_period=heartbeat[1])
         except StorageError:
             raise
@@ -264,14 +265,25 @@ def _check_database_url(url: str) -> None:
         raise StorageError(f"--storage: cannot open {url}: the folder {Path(database).parent} does not exist")
 
 
-def _advisory_lock(url: str, name: str) -> Callable:
+def _session_limits(url: str, grace_period: float) -> dict:
+    """SQLAlchemy engine arguments for a worker's PostgreSQL sessions: the server ends a session
+    that sits inside a transaction for longer than the grace period (a worker paused by SIGSTOP
+    or a suspended machine in the middle of a claim or a write), so that its locks (the claim
+    lock, row locks) do not block the other workers for longer than a dead worker's trial would."""
+    if _backend(url) != "postgresql":
+        return {}
+    return {"connect_args": {"options": f"-c idle_in_transaction_session_timeout={int(grace_period * 1000)}"}}
+
+
+def _advisory_lock(url: str, name: str, grace_period: float) -> Callable:
     """Claims across machines: a PostgreSQL advisory lock keyed by ``name`` (``claim:<study>``),
     held while a worker claims a trial and released on unlock or when its connection (its worker)
-    goes away."""
+    goes away, or stays idle in its transaction for longer than ``grace_period`` seconds (a
+    paused worker)."""
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, **_session_limits(url, grace_period))
     key = int.from_bytes(hashlib.blake2b(f"workbench.tune/{name}".encode(), digest_size=8).digest(), "big",
                          signed=True)
 
@@ -287,6 +299,8 @@ def _advisory_lock(url: str, name: str) -> Callable:
         finally:
             try:
                 connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            except sqlalchemy.exc.SQLAlchemyError:
+                pass  # the server ended the session (paused past the grace period): the lock went with it
             finally:
                 connection.close()
 
@@ -521,7 +535,8 @@ class Study:
             self.storage, self.storage_label = _open_storage(url, journal_path, journal, label, heartbeat)
         # Across machines trials are claimed under a lock in the database itself (PostgreSQL); a
         # journal file, and SQLite, live on one machine, where a file lock does.
-        self._db_lock = _advisory_lock(url, f"claim:{options.study_name}") if url and _backend(url) == "postgresql" else None
+        self._db_lock = (_advisory_lock(url, f"claim:{options.study_name}", self.grace_period)
+                         if url and _backend(url) == "postgresql" else None)
         self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
         # No new trial starts once set; with _interrupt, running trials end too (``stop``).
         self.stopping = threading.Event()
