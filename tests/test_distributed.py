@@ -59,9 +59,9 @@ def test_identity_sampler_ranks_share_each_global_batch():
 
 
 def test_configs_that_ranks_cannot_run_are_one_line_before_launching(tiny_config, capsys, monkeypatch):
-    check_ranks(tiny_config, 2)  # 4 identities per batch: 2 each
+    check_ranks(tiny_config, 2, 2)  # 4 identities per batch: 2 each
     with pytest.raises(config.ConfigError, match="multiple of 3"):
-        check_ranks(tiny_config, 3)
+        check_ranks(tiny_config, 3, 3)
     for bad, expected in ((["--set", "batch_size=6"], "batch_size: 6 holds 3 identities"),
                           (["--set", "image_size=[64]"], "image_size")):
         args = ["run", "experiments/quickstart.yaml", "--nproc", "2", "--set", f"data_root={tiny_config.data_root}",
@@ -72,6 +72,11 @@ def test_configs_that_ranks_cannot_run_are_one_line_before_launching(tiny_config
     monkeypatch.setenv("WORLD_SIZE", "2")  # tune started by torchrun
     assert main(["tune", "experiments/quickstart.yaml", "--trials", "1"]) == 2
     assert "runs trials, not DDP ranks" in capsys.readouterr().err
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(config.ConfigError, match="2 processes on this machine need a GPU each; 1 are visible"):
+        check_ranks(config.replace(tiny_config, device="cuda"), 2, 2)
+    check_ranks(config.replace(tiny_config, device="cuda"), 2, 1)  # two machines, one process each
 
 
 def _workbench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -165,3 +170,17 @@ def test_promptsg_interrupted_in_one_process_goes_on_in_two_to_the_same_numbers(
                                    rtol=1e-3, atol=1e-5, err_msg=key)
     for key in ("test_rank1", "test_mAP", "final_test_mAP", "best_mAP"):
         assert run.data.metrics[key] == pytest.approx(single[key], abs=1e-3), key
+
+
+def test_a_collective_broken_by_another_rank_is_one_line(monkeypatch):
+    from workbench.errors import RankLost
+
+    broken = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                          "[127.0.0.1]:10672: Connection reset by peer. This is typically caused by a remote worker")
+    assert distributed.lost_peer(broken) is None  # one process: a bug, keep its traceback
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lost = distributed.lost_peer(broken)
+    assert isinstance(lost, RankLost) and lost.exit_code == 1
+    assert str(lost).startswith("another process of this 2-process run stopped")
+    assert distributed.lost_peer(RuntimeError("shape mismatch")) is None
+    assert distributed.lost_peer(ValueError("gloo")) is None

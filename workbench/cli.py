@@ -77,7 +77,8 @@ def _launch(args, command: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    argv = ["-m", "workbench", *command, *(["--tracking-uri", args.tracking_uri] if args.tracking_uri else [])]
+    argv = ["-m", "workbench", *command, *(["--tracking-uri", args.tracking_uri] if args.tracking_uri else []),
+            *(["--debug"] if _debug(args) else [])]
     if "OMP_NUM_THREADS" not in os.environ:  # the cores shared by the ranks (torchrun would say 1, with a warning)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
@@ -87,8 +88,15 @@ def _launch(args, command: list[str]) -> int:
     try:
         elastic_launch(launch, sys.executable)(*argv)
     except ChildFailedError as err:
-        codes = [failure.exitcode for _, failure in sorted(err.failures.items())]
-        return next((code for code in codes if code > 0), 1)
+        rank, first = err.get_first_failure()
+        if first.exitcode < 0:  # killed (out of memory, kill -9): the process could not say it
+            import signal
+
+            name = signal.Signals(-first.exitcode).name if -first.exitcode in signal.valid_signals() else "a signal"
+            print(f"workbench: error: rank {rank} was killed by {name} (out of memory?); the others were stopped",
+                  file=sys.stderr)
+            return 1
+        return first.exitcode
     except SignalException as err:  # Ctrl-C or SIGTERM, passed on to the ranks, which said what they did
         return 128 + int(err.sigval)
     return 0
@@ -122,9 +130,10 @@ def cmd_resume(args) -> int:
         raise ConfigError(f"{run_dir}: expected one *_config.yaml of a workbench run, found {len(configs)}")
     cfg = config.load(configs[0])
     if args.nproc is not None and args.nproc > 1:
-        from .runner import preflight
+        from .runner import check_resumable, preflight
 
         preflight(cfg, args.nproc)
+        check_resumable(cfg, run_dir)
         return _launch(args, ["resume", str(run_dir)])
     with _process_group(cfg):
         if not distributed.is_main():  # under torchrun rank 0 reopens the MLflow run
@@ -671,6 +680,25 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _say(err: WorkbenchError) -> int:
+    """Print ``err`` as one line and return its exit status. Under DDP a rank other than 0 first
+    waits a moment: when rank 0 meets the same error (a mistake every rank makes), it says it, the
+    launcher stops the others, and the line is not printed twice."""
+    rank = _rank()
+    if rank != "0":
+        import time
+
+        try:
+            time.sleep(RANK_ERROR_DELAY)
+        except KeyboardInterrupt:  # stopped by the launcher: rank 0 has spoken
+            return err.exit_code
+    print(f"workbench: error{'' if rank == '0' else f' (rank {rank})'}: {_one_line(err)}", file=sys.stderr)
+    return err.exit_code
+
+
+RANK_ERROR_DELAY = 3.0
+
+
 def _rank() -> str:
     """This process's DDP rank as torchrun set it ("0" without torchrun)."""
     return os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
@@ -700,11 +728,16 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as err:
         if _debug(args):
             traceback.print_exc()
-        rank = _rank()
-        if rank != "0" and isinstance(err, (ConfigError, UsageError)):
-            return err.exit_code  # the same mistake on every rank: rank 0 says it
-        print(f"workbench: error{'' if rank == '0' else f' (rank {rank})'}: {_one_line(err)}", file=sys.stderr)
-        return err.exit_code
+        return _say(err)
+    except RuntimeError as err:
+        from .distributed import lost_peer
+
+        lost = lost_peer(err)  # DDP: a collective failed because another rank's process ended
+        if lost is None:
+            raise
+        if _debug(args):
+            traceback.print_exc()
+        return _say(lost)
     except OSError as err:
         if err.errno not in _ENVIRONMENT_ERRNOS:
             raise

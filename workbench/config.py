@@ -186,6 +186,8 @@ class Config:
     """bf16 autocast on CUDA (ignored on the CPU)."""
     compile: bool = False
     """torch.compile the image encoder and the text transformer (fastest on CUDA; the first steps include compilation)."""
+    ddp_global_batch: bool = True
+    """Under DDP (torchrun, --nproc) gather the ranks' features so that every loss sees the global batch; false: per-rank losses, as the official CLIP-ReID."""
     log_every: int = 20
     """Steps between metric flushes and progress-bar updates (each costs one host sync)."""
     save_checkpoints: bool = True

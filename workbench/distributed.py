@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import UsageError
+from .errors import RankLost, UsageError
 
 TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -74,6 +74,28 @@ def setup(device_name: str) -> None:
                              f"{torch.cuda.device_count()} are visible; lower --nproc-per-node")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+
+
+def lost_peer(err: BaseException) -> RankLost | None:
+    """A collective that failed because another rank went away (its process ended: an error, a
+    kill, out of memory) as a one-line RankLost; None for any other error."""
+    if env_world_size() <= 1 or not isinstance(err, RuntimeError) or isinstance(err, RankLost):
+        return None
+    text = str(err)
+    markers = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo", "NCCL",
+               "ProcessGroup", "Socket Timeout")
+    if not (isinstance(err, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
+        return None
+    return RankLost(f"another process of this {env_world_size()}-process run stopped (its message is above, "
+                    f"unless it was killed)")
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: what a checkpoint holds is
+    then what every rank validates with (on the CPU each rank's BatchNorm ran on its share)."""
+    if active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, 0)
 
 
 def teardown() -> None:
@@ -143,6 +165,16 @@ def gather_rows(local: torch.Tensor, sizes: Sequence[int] | None = None) -> torc
         return _GatherRows.apply(local, tuple(sizes))
 
 
+def batch_gather(share: int, global_batch: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gather of a training step whose ranks each hold ``share`` rows: ``gather_rows`` into
+    the global batch, or (``global_batch`` off: per-rank losses, as the official CLIP-ReID) the
+    identity."""
+    if not (active() and global_batch):
+        return lambda rows: rows
+    sizes = [share] * world_size()
+    return lambda rows: gather_rows(rows, sizes)
+
+
 def broadcast(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``tensor`` on every rank (in place)."""
     if active():
@@ -190,12 +222,12 @@ def data_parallel(modules: Sequence[nn.Module | None], device: torch.device) -> 
                                                static_graph=True)
 
 
-def batch_norm_over_ranks(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def batch_norm_over_ranks(norm: nn.Module, x: torch.Tensor, global_batch: bool = True) -> torch.Tensor:
     """``norm(x)`` (a BatchNorm of rows) with training statistics over the global batch: the
     ranks' rows (equal shares) are gathered, normalised together, and each rank keeps its own.
     Exact, gradients included (see ``_GatherRows``), and on gloo too, where SyncBatchNorm does
-    not run."""
-    if not (active() and norm.training):
+    not run. Without ``global_batch``, over this rank's rows."""
+    if not (active() and norm.training and global_batch):
         return norm(x)
     start = rank() * len(x)
     return norm(gather_rows(x, [len(x)] * world_size()))[start:start + len(x)]

@@ -76,3 +76,7 @@ def os_error_message(err: OSError, what: str) -> str:
             errno.EACCES: "; choose a folder you can write to", errno.EROFS: "; choose a folder you can write to",
             errno.ENOTDIR: "; a file stands where a folder is needed"}.get(err.errno, "")
     return f"{what}: {reason}{where}{hint}"
+
+
+class RankLost(WorkbenchError, RuntimeError):
+    """Another process of a multi-process (DDP) run stopped, so this one cannot go on."""

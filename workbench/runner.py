@@ -204,14 +204,21 @@ def preflight(cfg: Config, ranks: int | None = None) -> None:
     resolve_model_name(cfg.model_type)
     select_device(cfg.device)
     check_data_root(cfg)
-    check_ranks(cfg, distributed.env_world_size() if ranks is None else ranks)
+    if ranks is None:
+        check_ranks(cfg, distributed.env_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    else:
+        check_ranks(cfg, ranks, ranks)
 
 
-def check_ranks(cfg: Config, ranks: int) -> None:
-    """What a run on ``ranks`` DDP processes needs: P x K batches whose P identities the ranks
-    share equally."""
+def check_ranks(cfg: Config, ranks: int, here: int) -> None:
+    """What a run on ``ranks`` DDP processes (``here`` of them on this machine) needs: P x K
+    batches whose P identities the ranks share equally, and a GPU for each process here."""
     if ranks <= 1:
         return
+    gpus = torch.cuda.device_count()
+    if select_device(cfg.device).type == "cuda" and gpus < here:
+        raise config_module.ConfigError(f"device: {here} processes on this machine need a GPU each; {gpus} are "
+                                        f"visible (lower --nproc / --nproc-per-node)")
     identities = cfg.batch_size // cfg.num_instances
     if identities % ranks:
         raise config_module.ConfigError(
@@ -230,6 +237,25 @@ def check_model_shapes(cfg: Config) -> None:
     elif cfg.stage_mode != "image_only" or not cfg.freeze_prompt:
         check_prompt_fits(name, cfg.prompt_template.format(aspect=cfg.aspect).strip(), cfg.n_ctx, None, "n_ctx",
                           f"with n_ctx={cfg.n_ctx}", "lower n_ctx or shorten prompt_template")
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """What ``workbench resume`` looks at before the MLflow run is reopened (a finished run's
+    record stays as it is): the folder is a run of ``cfg``, not finished, and the checkpoint it
+    goes on from is readable."""
+    stem = build_filename(cfg, cfg.epochs_image if cfg.trains_image else cfg.epochs_prompt,
+                          "image" if cfg.trains_image else "prompt")
+    if not (run_dir / f"{stem}_config.yaml").is_file():
+        raise UsageError(f"cannot resume: {run_dir} holds no {stem}_config.yaml (not a run folder of this config)")
+    last = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
+    final = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
+    if not (cfg.trains_image and last.is_file()) and final.is_file():
+        raise UsageError(f"cannot resume: the run in {run_dir} already finished ({final.name} exists)")
+    prompt_final = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")
+    for path in (last, prompt_final):  # what the resume will start from
+        if path.is_file():
+            check_readable(path)
+            break
 
 
 def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
@@ -256,18 +282,7 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                           "image" if cfg.trains_image else "prompt")
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        if not (run_dir / f"{stem}_config.yaml").is_file():
-            raise UsageError(f"cannot resume: {run_dir} holds no {stem}_config.yaml (not a run folder of this config)")
-        # Checked before the MLflow run is reopened: a finished run's record stays as it is.
-        last = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
-        final = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
-        if not (cfg.trains_image and last.is_file()) and final.is_file():
-            raise UsageError(f"cannot resume: the run in {run_dir} already finished ({final.name} exists)")
-        prompt_final = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")
-        for path in (last, prompt_final):  # what the resume will start from, looked at before the run reopens
-            if path.is_file():
-                check_readable(path)
-                break
+        check_resumable(cfg, run_dir)
     else:
         base = Path(cfg.output_dir) / f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"
         run_dir, n = base, 1
@@ -324,7 +339,9 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
         if distributed.active():
             log(f"DDP: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
                 f"{cfg.batch_size // distributed.world_size()} images per process of each {cfg.batch_size}-image "
-                f"batch; this is rank 0, which logs, prints and writes the files")
+                f"batch, losses on " + ("the gathered global batch" if cfg.ddp_global_batch else
+                                        "each process's share (ddp_global_batch: false)")
+                + "; this is rank 0, which logs, prints and writes the files")
         if new_run:
             tracker.log_params(run_params(cfg))
             tracker.log_artifact(config_path)
@@ -348,16 +365,16 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
         raise
     except KeyboardInterrupt as err:
         how = "terminated (SIGTERM)" if type(err).__name__ == "Terminated" else "interrupted"
-        starts = [run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST"),
-                  run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")]
-        resumable = hint_resume and cfg.trains_image and any(path.is_file() for path in starts)
-        ranks = f" --nproc {distributed.world_size()}" if distributed.active() else ""
-        log(f"run {how}" + (f"; continue it with: workbench resume {run_dir}{ranks}" if resumable else ""))
+        log(f"run {how}" + _resume_hint(cfg, run_dir, hint_resume))
         raise
     except BaseException as err:
         # The command line prints the one-line reason; the log file keeps the traceback.
         logger.debug("run failed:\n" + "".join(traceback.format_exception(err)).rstrip())
-        raise
+        lost = distributed.lost_peer(err)  # DDP: another rank's process ended
+        if lost is None:
+            raise
+        log(f"run stopped: {lost}" + _resume_hint(cfg, run_dir, hint_resume))
+        raise lost from None
     finally:
         for handler in list(logger.handlers):
             handler.flush()
@@ -367,6 +384,17 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
             handler.close()
             logger.removeHandler(handler)
     return result
+
+
+def _resume_hint(cfg: Config, run_dir: Path, hint: bool) -> str:
+    """"; continue it with: workbench resume ..." when the run left a checkpoint to go on from."""
+    starts = [run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST"),
+              run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")]
+    final = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
+    if not (hint and cfg.trains_image and any(path.is_file() for path in starts)) or final.is_file():
+        return ""
+    ranks = f" --nproc {distributed.world_size()}" if distributed.active() else ""
+    return f"; continue it with: workbench resume {run_dir}{ranks}"
 
 
 def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callable[[str], None] | None = None,

@@ -203,6 +203,7 @@ class ImageStageSettings:
     max_rank: int = 50
     val_every: int = 1
     seed: int = 0  # under DDP, ranks other than 0 draw their augmentation from it
+    global_batch: bool = True  # under DDP: losses on the gathered global batch (False: each rank's share)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ImageStageSettings":
@@ -219,7 +220,8 @@ class ImageStageSettings:
                    train_text_encoder=cfg.train_text_encoder, logit_scale=cfg.contrastive_logit_scale,
                    train_feature=cfg.train_feature, pre_proj=cfg.test_feature == "proj_and_pre_proj",
                    eval_neck=cfg.eval_neck_feat, select_metric=cfg.select_metric, amp=cfg.amp,
-                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every, seed=cfg.seed)
+                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every, seed=cfg.seed,
+                   global_batch=cfg.ddp_global_batch)
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -579,14 +581,12 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
         """The losses of one batch: (loss, its parts, BNNeck features, logits, labels). Under DDP
         ``images`` and ``labels`` are this rank's share; the features are gathered into the
         global batch before the head, so every loss sees the whole batch."""
-        sizes = [len(labels)] * distributed.world_size()  # every rank's share is P / ranks identities x K
+        gather = distributed.batch_gather(len(labels), settings.global_batch)
         with autocast_for(device, settings.amp):
-            raw = [distributed.gather_rows(f, sizes)
-                   for f in image_features_for_head(clip_model, images, settings.pre_proj, normalized=False)]
+            raw = [gather(f) for f in image_features_for_head(clip_model, images, settings.pre_proj, normalized=False)]
             if use_text and cached_text is None:
-                text = distributed.gather_rows(text_features(clip_model, prompt_learner, labels,
-                                                             normalize=not raw_dot).float(), sizes)
-            labels = distributed.gather_rows(labels, sizes)
+                text = gather(text_features(clip_model, prompt_learner, labels, normalize=not raw_dot).float())
+            labels = gather(labels)
             feats = [F.normalize(f, dim=1) for f in raw] if normalized else raw
             feats_bn = [bottleneck(f) for (bottleneck, _), f in zip(branches, feats)]
             logits = [classifier(f, labels) for (_, classifier), f in zip(branches, feats_bn)]
@@ -645,6 +645,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                                 feat_n=f"{last['feat_norm']:.2f}", arc_c=f"{last['arc_conf']:.2f}")
         buffer.flush()
         scheduler.step()
+        distributed.sync_buffers(clip_model)  # DDP: every rank validates with what the checkpoint holds
         metrics = (validate(clip_model, selection, device, spec, max_rank=settings.max_rank, amp=settings.amp)
                    if book.due(epoch) else None)
         book.end_epoch(epoch, lr, buffer.epoch_loss(), metrics, clip_model, save if checkpoint_path is not None else None,

@@ -65,8 +65,10 @@ class InversionNetwork(nn.Module):
         self.norm = nn.BatchNorm1d(width)
         nn.init.constant_(self.norm.weight, word_norm / math.sqrt(width))
 
+    global_batch = True  # under DDP, BatchNorm statistics over the global batch (ddp_global_batch)
+
     def forward(self, image_feats: torch.Tensor) -> torch.Tensor:
-        return distributed.batch_norm_over_ranks(self.norm, self.mlp(image_feats))
+        return distributed.batch_norm_over_ranks(self.norm, self.mlp(image_feats), self.global_batch)
 
 
 class MultimodalInteraction(nn.Module):
@@ -323,10 +325,10 @@ def promptsg_loss(clip_model: nn.Module, images: torch.Tensor, labels: torch.Ten
     bottleneck, classifier = head_branches(clip_model)[0]
     with autocast_for(images.device, settings.amp):
         out = forward_promptsg(clip_model, images, "composed")
-        sizes = [len(labels)] * distributed.world_size()
+        gather = distributed.batch_gather(len(labels), settings.global_batch)
         for key in ("feature", "global", "text"):
-            out[key] = distributed.gather_rows(out[key], sizes)
-        labels = distributed.gather_rows(labels, sizes)
+            out[key] = gather(out[key])
+        labels = gather(labels)
         feat = out["feature"].float()
         out["feat"] = F.normalize(feat, dim=1) if settings.train_feature == "normalized" else feat
         out["feat_bn"] = bottleneck(out["feat"])
@@ -357,6 +359,7 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
     psg = clip_model.promptsg
     losses = build_loss(settings.loss_list)
     clip_model.visual = distributed.sync_batchnorm(clip_model.visual, device, log)
+    psg.inversion.global_batch = settings.global_batch
     params = _trainables(clip_model, log)
     named = list(clip_model.named_parameters())
     visual_groups = param_groups(named, params["visual"], settings.lr, settings.weight_decay,
@@ -440,6 +443,7 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
                                 cos=f"{last['pos_cos']:.2f}", s=f"{last['pseudo_ratio']:.2f}")
         buffer.flush()
         scheduler.step()
+        distributed.sync_buffers(clip_model)  # DDP: every rank validates with what the checkpoint holds
         if not book.due(epoch):
             book.end_epoch(epoch, lr, buffer.epoch_loss(), None, clip_model,
                            save if checkpoint_path is not None else None, report)
