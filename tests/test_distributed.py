@@ -96,7 +96,7 @@ def _test_line(stdout: str, which: str) -> str:
 
 
 def _two_processes_against_one(cfg: config.Config, experiment_file: str, tmp_path: Path, keys: tuple[str, ...],
-                               rtol: float = 1e-4):
+                               new_store, rtol: float = 1e-4):
     """Run ``cfg`` (augmentation off) in this process and with ``workbench run --nproc 2``; check
     that the second logs one MLflow run whose ``keys`` histories and test numbers equal the
     first's (to ``rtol``: float sums in another order, then a few optimizer steps). Returns (the
@@ -108,7 +108,7 @@ def _two_processes_against_one(cfg: config.Config, experiment_file: str, tmp_pat
     single_uri = f"sqlite:///{tmp_path / 'single.db'}"
     single = train_joint(cfg, MlflowTracker(single_uri))  # the reference: one process, this one
 
-    uri = f"sqlite:///{tmp_path / 'ddp.db'}"  # two processes, launched as torchrun does
+    uri = new_store(tmp_path / "ddp.db")  # two processes, launched as torchrun does
     done = _workbench("run", experiment_file, *[a for kv in overrides for a in ("--set", kv)], "--nproc", "2",
                       "--tracking-uri", uri)
     assert "DDP: 2 processes (gloo), 4 images per process of each 8-image batch" in done.stderr
@@ -128,11 +128,13 @@ def _two_processes_against_one(cfg: config.Config, experiment_file: str, tmp_pat
     return done, run_dir
 
 
-def test_two_process_run_equals_one_process_and_its_checkpoint_evaluates_alone(tiny_config, tmp_path, capsys):
+@pytest.mark.scale
+def test_two_process_run_equals_one_process_and_its_checkpoint_evaluates_alone(tiny_config, tmp_path, capsys,
+                                                                               new_store):
     cfg = config.replace(tiny_config, epochs_prompt=1, epochs_image=2, **NO_AUGMENTATION)
     done, run_dir = _two_processes_against_one(cfg, "experiments/quickstart.yaml", tmp_path,
                                                ("prompt_loss", "prompt_grad", "loss", "tri_loss", "center_loss",
-                                                "i2t_loss", "feat_norm", "mAP"))
+                                                "i2t_loss", "feat_norm", "mAP"), new_store)
 
     # the DDP checkpoint in a plain single-process evaluation: the run's FINAL test numbers
     final = next(run_dir.glob("*_image_FINAL.pth"))
@@ -145,6 +147,7 @@ def test_two_process_run_equals_one_process_and_its_checkpoint_evaluates_alone(t
     assert numbers == expected
 
 
+@pytest.mark.scale
 def test_promptsg_interrupted_in_one_process_goes_on_in_two_to_the_same_numbers(synth_root, tmp_path,
                                                                                 interrupted_run):
     """Resume under DDP, and PromptSG under DDP (its inversion network's BatchNorm normalises over

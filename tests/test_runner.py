@@ -241,13 +241,13 @@ def test_multi_line_errors_keep_their_reason_on_one_line():
     assert _one_line(worker) == "cannot read image a.png"
 
 
-def test_sigterm_ends_the_run_killed_with_its_metrics_and_a_resumable_checkpoint(tiny_config, tmp_path):
+def test_sigterm_ends_the_run_killed_with_its_metrics_and_a_resumable_checkpoint(tiny_config, tmp_path, new_store):
     import signal
     import subprocess
     import sys
     import time
 
-    uri = f"sqlite:///{tmp_path / 'term.db'}"
+    uri = new_store(tmp_path / "term.db")
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(config.replace(tiny_config, epochs_prompt=1, epochs_image=200).to_yaml())
     process = subprocess.Popen([sys.executable, "-m", "workbench.cli", "run", str(cfg_path), "--tracking-uri", uri],

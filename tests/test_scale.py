@@ -30,7 +30,8 @@ def _missing() -> str | None:
 
 
 # CI installs both (.ci/run): there a missing one fails the tests instead of skipping them.
-pytestmark = pytest.mark.skipif(_missing() is not None and not os.environ.get("CI"), reason=str(_missing()))
+pytestmark = [pytest.mark.scale,
+              pytest.mark.skipif(_missing() is not None and not os.environ.get("CI"), reason=str(_missing()))]
 
 
 @pytest.fixture(scope="module")

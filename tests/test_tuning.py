@@ -270,11 +270,11 @@ def test_space_validation_and_suggestions():
                                                                     "center_loss_weight": 1e-3}
 
 
-def test_two_processes_share_one_study(tune_config, tmp_path):
+def test_two_processes_share_one_study(tune_config, tmp_path, new_store):
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(config.replace(tune_config, epochs_image=1, save_checkpoints=False).to_yaml())
     command = [sys.executable, "-m", "workbench.cli", "tune", str(cfg_path), "--trials", "4", "--study-name",
-               "shared", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--pruner", "none"]
+               "shared", "--tracking-uri", new_store(tmp_path / "m.db"), "--pruner", "none"]
     workers = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
@@ -320,7 +320,7 @@ def test_tune_refuses_to_select_on_the_test_split(tune_config, tmp_path, monkeyp
                  "--tracking-uri", uri]) == 2
 
 
-def test_workbench_ui_serves_the_tracking_store(tmp_path):
+def test_workbench_ui_serves_the_tracking_store(tmp_path, new_store):
     import socket
     import time
     import urllib.request
@@ -328,7 +328,7 @@ def test_workbench_ui_serves_the_tracking_store(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    uri = f"sqlite:///{tmp_path / 'ui.db'}"
+    uri = new_store(tmp_path / "ui.db")
     ui = subprocess.Popen([sys.executable, "-m", "workbench.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -377,12 +377,12 @@ def test_sampler_of_a_resumed_study_does_not_repeat_itself(tune_config, tmp_path
     assert first_params("a", tmp_path / "a.journal") != first  # opened again: new proposals
 
 
-def test_killed_worker_is_failed_and_replaced(tune_config, tmp_path, monkeypatch, capsys):
+def test_killed_worker_is_failed_and_replaced(tune_config, tmp_path, monkeypatch, capsys, new_store):
     """SIGKILL mid-trial, then the same command again: the killed trial is FAIL in Optuna and its
     MLflow run KILLED with the reason; a new trial with new parameters replaces it."""
     monkeypatch.chdir(tmp_path)
     cfg = with_space(tune_config, {"lr": {"type": "float", "low": 1e-4, "high": 5e-4}})
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = new_store(tmp_path / "m.db")
     argv = ["tune", write_config(cfg, tmp_path / "exp.yaml"), "--trials", "1", "--tracking-uri", uri,
             "--sampler", "random", "--pruner", "none"]
     worker = subprocess.Popen([sys.executable, "-m", "workbench.cli"] + argv, stdout=subprocess.DEVNULL,

@@ -330,7 +330,8 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
                         val_metrics={"prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"]},
                         tag="FINAL", log=log)
     del run
-    gc.collect()  # this stage's DDP (and its gradient hooks on the prompt) is gone before the next one starts
+    if distributed.active():
+        gc.collect()  # this stage's DDP (and its gradient hooks on the prompt) is gone before the next one starts
     return {"prompt_loss": final_loss, "prompt_rank1": retrieval["rank1"], "prompt_mAP": retrieval["mAP"],
             "steps": step - start_step, "seconds": time.perf_counter() - started,
             "image_feats": image_feats, "labels": labels}
