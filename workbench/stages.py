@@ -579,7 +579,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     run = distributed.data_parallel([clip_model, prompt_learner, center if losses.center else None], device)
 
     def forward(images: torch.Tensor, labels: torch.Tensor):
-        """The losses of one batch: (loss, its parts, BNNeck features, logits, labels). Under DDP
+        """The losses of one batch: (loss, its parts, BNNeck features, logits). Under DDP
         ``images`` and ``labels`` are this rank's share; the features are gathered into the
         global batch before the head, so every loss sees the whole batch."""
         gather = distributed.batch_gather(len(labels), settings.global_batch)
