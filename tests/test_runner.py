@@ -333,6 +333,22 @@ def test_val_every_validates_every_kth_epoch_and_the_last(tiny_config, tmp_path)
         config.replace(cfg, val_every=0)
 
 
+def test_val_start_skips_the_early_validations(tiny_config, tmp_path):
+    tracker = RecordingTracker()
+    reports = []
+    cfg = config.replace(tiny_config, stage_mode="image_only", epochs_image=6, val_every=2, val_start=3)
+    result = train_joint(cfg, tracker, report=lambda epoch, metrics: reports.append(epoch))
+    steps = {key: [step for step, _ in tracker.history[key]] for key in ("mAP", "epoch_loss")}
+    assert reports == [4, 6] and steps["mAP"] == [4, 6] and steps["epoch_loss"] == [1, 2, 3, 4, 5, 6]
+    assert result["best_epoch"] in (4, 6)
+    log = next(Path(result["run_dir"]).glob("*.log")).read_text()
+    assert "image epoch 1/6: loss" in log and "(validation starts at epoch 3)" in log
+    late = train_joint(config.replace(cfg, val_every=1, val_start=9), RecordingTracker())  # past the end: the last only
+    assert late["best_epoch"] == 6
+    with pytest.raises(config.ConfigError, match="val_start: must be >= 1"):
+        config.replace(cfg, val_start=0)
+
+
 def test_workers_starting_together_generate_the_dataset_once(tiny_config, tmp_path):
     """The workers of a study start together on a missing synthetic dataset: one generates it, the
     others wait for it and use it (they used to write into the same temporary folder)."""
@@ -358,3 +374,42 @@ def test_workers_starting_together_generate_the_dataset_once(tiny_config, tmp_pa
         thread.join()
     assert not errors and len(said) == 1
     assert load_reid_dataset(cfg.data_root).num_classes == 4
+
+
+def test_a_reused_prompt_stage_gives_what_training_it_gives(tiny_config):
+    """Runs that differ only in image-stage keys share one prompt stage (PromptStageCache): the
+    run that reuses it logs and ends with exactly what training its own prompt stage gives."""
+    import torch
+
+    from workbench.checkpoint import read_checkpoint
+    from workbench.runner import PromptStageCache
+
+    cache = PromptStageCache()
+    first = train_joint(tiny_config, RecordingTracker(), prompt_cache=cache)
+    other = config.replace(tiny_config, lr=3e-3, center_loss_weight=1e-2, val_start=2)
+    reused_tracker, fresh_tracker = RecordingTracker(), RecordingTracker()
+    reused = train_joint(other, reused_tracker, prompt_cache=cache)
+    fresh = train_joint(other, fresh_tracker)
+    assert cache.misses == 1
+    assert reused_tracker.tags["prompt_stage_from"] == Path(first["run_dir"]).name
+    assert set(reused_tracker.history) == set(fresh_tracker.history)
+    for key, points in fresh_tracker.history.items():
+        if key not in ("prompt_stage_seconds", "image_stage_seconds", "total_seconds"):
+            assert reused_tracker.history[key] == points, key
+    for key in ("prompt_rank1", "prompt_mAP", "best_mAP", "best_epoch", "final_mAP", "test_mAP", "final_test_mAP"):
+        assert reused[key] == fresh[key], key
+    saved = {}
+    for name, result in (("reused", reused), ("fresh", fresh)):
+        (path,) = Path(result["run_dir"]).glob("*_prompt_FINAL.pth")
+        saved[name] = read_checkpoint(path)
+    assert saved["reused"]["metadata"]["config"]["lr"] == 3e-3
+    assert saved["reused"]["metadata"]["run_id"] == reused["run_id"] and saved["reused"]["metadata"]["stage"] == "prompt"
+    for key, value in saved["fresh"]["model_state_dict"].items():
+        assert torch.equal(saved["reused"]["model_state_dict"][key], value), key
+
+    # what the prompt stage reads makes a new entry: n_ctx, and lr while lr_prompt falls back on it
+    train_joint(config.replace(other, n_ctx=3), RecordingTracker(), prompt_cache=cache)
+    assert cache.misses == 2
+    assert PromptStageCache.key(config.replace(other, lr_prompt=None)) != \
+        PromptStageCache.key(config.replace(other, lr_prompt=None, lr=1e-3))
+    assert PromptStageCache.key(other) == PromptStageCache.key(config.replace(other, lr=1e-3, epochs_image=9))

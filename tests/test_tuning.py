@@ -238,6 +238,39 @@ def test_failing_trial_leaves_the_study_running(tune_config, tmp_path):
                                     f"{names.count('FAIL')} failed; 0 replaced]")
 
 
+def test_trials_validate_from_the_first_judged_epoch(tune_config, tmp_path, monkeypatch):
+    """Validations before the pruner's first judged epoch only draw curves: trials skip them (a
+    config's own val_start is kept), and the re-run command says so."""
+    seen = []
+    fake = fake_train_joint(tmp_path)
+    monkeypatch.setattr(tuning, "train_joint", lambda cfg, *a, **k: seen.append(cfg.val_start) or fake(cfg, *a, **k))
+    cfg = config.replace(tune_config, epochs_image=40)
+    for pruner, own, expected in (("median", None, 10), ("hyperband", None, 10), ("none", None, 1),
+                                  ("median", 3, 3)):
+        options = TuneOptions(trials=1, study_name=f"v{pruner}{own}", pruner=pruner,
+                              tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+        study = run_study(config.replace(cfg, val_start=own), options, log=lambda _: None,
+                          studies_dir=tmp_path / "studies")
+        assert seen[-1] == expected
+        assert ("val_start=10" in study.trials[0].user_attrs["rerun"]) == (own is None and expected == 10)
+
+
+def test_parallel_trials_print_one_line_each_and_share_prompt_stages(tune_config, tmp_path, capsys):
+    """Trials side by side keep their progress bars and log lines to their log files (they would
+    interleave on the console); trials that differ only in image-stage keys train one prompt stage."""
+    cfg = with_space(tune_config, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+    options = TuneOptions(trials=3, study_name="quiet", n_jobs=2, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          pruner="none")
+    lines = []
+    study = run_study(cfg, options, log=lines.append, studies_dir=tmp_path / "studies")
+    err = capsys.readouterr().err
+    assert "image epoch" not in err and "image stage" not in err and "prompt stage" not in err
+    assert len([line for line in lines if line.startswith("trial")]) == 3
+    logs = [next(Path(t.user_attrs["run_dir"]).glob("*.log")).read_text() for t in study.trials]
+    assert all("image epoch 2/2" in log for log in logs)
+    assert sum("prompt stage: the same as in run" in log for log in logs) == 2  # one trained it
+
+
 def test_pruned_trial_ends_cleanly(tune_config, tmp_path):
     cfg = config.replace(tune_config, epochs_image=3)
     options = TuneOptions(trials=1, study_name="prune", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")

@@ -340,6 +340,10 @@ class Config:
     """Longest CMC curve computed in validation."""
     val_every: int = 1
     """Validate (select BEST, report to the pruner) every val_every-th epoch and at the last one."""
+    val_start: Optional[int] = None
+    """The first image-stage epoch validated (earlier ones train without validation, so they are no
+    BEST candidates and draw no curve point); null: 1 in a run, and in a tuning trial the first epoch
+    the pruner judges (a quarter of epochs_image), since earlier validations would only draw curves."""
     select_metric: str = "rank1"
     """Validation metric that picks the BEST checkpoint: rank1 or mAP."""
 
@@ -406,8 +410,8 @@ class Config:
             bad("batch_size", f"must be a multiple of num_instances ({self.num_instances}) covering at "
                 f"least 2 identities, got {self.batch_size}")
         for key in ("log_every", "test_batch_size", "max_rank", "synth_identities", "synth_images_per_identity",
-                    "val_every"):
-            if getattr(self, key) < 1:
+                    "val_every", "val_start"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("flip_prob", "random_erasing", "label_smoothing", "i2t_label_smoothing"):
             if not 0 <= getattr(self, key) <= 1:

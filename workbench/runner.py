@@ -3,6 +3,7 @@ the final metrics. ``workbench run`` and every tuning trial call this one functi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,12 +29,13 @@ from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, 
                    test_loader)
 from .evaluation import evaluate_splits, mean_and_std
 from .pictures import pick_queries, plot_cmc, plot_ranked_lists, save_curves
-from .checkpoint import (atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
-                         remove_stale_temporaries)
+from .checkpoint import (atomic_torch_save, atomic_write_text, check_readable, load_checkpoint, read_checkpoint,
+                         remove_stale_temporaries, rng_state, set_rng_state)
 from .heads import register_bnneck_and_arcface
-from .model import PromptLearner, check_prompt_fits, compile_encoders, load_clip_with_patch, resolve_model_name
-from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, train_clipreid_image_stage,
-                     train_clipreid_prompt_stage)
+from .model import (PromptLearner, check_prompt_fits, compile_encoders, freeze_entire_clip_model, load_clip_with_patch,
+                    resolve_model_name)
+from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, console_on,
+                     train_clipreid_image_stage, train_clipreid_prompt_stage)
 from .tracking import NullTracker, RunStopped, Tracker, run_params
 from .methods.promptsg import STEP_KEYS as PROMPTSG_STEP_KEYS
 from .methods.promptsg import PromptSGSettings, check_promptsg, register_promptsg, train_promptsg_stage
@@ -90,8 +92,8 @@ class _LogFileHandler(logging.FileHandler):
 
 
 def setup_logger(log_path: Path | None) -> logging.Logger:
-    """A logger writing to the run's .log file and to the console; with no ``log_path`` (a DDP
-    rank other than 0) a silent one."""
+    """A logger writing to the run's .log file and to the console (not under ``quiet_console``);
+    with no ``log_path`` (a DDP rank other than 0) a silent one."""
     logger = logging.getLogger(f"workbench.run.{log_path or f'rank{distributed.rank()}'}")
     logger.setLevel(logging.DEBUG)  # DEBUG lines (a failure's traceback) go to the file only
     logger.propagate = False
@@ -102,11 +104,12 @@ def setup_logger(log_path: Path | None) -> logging.Logger:
         return logger
     file_handler = _LogFileHandler(log_path)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.INFO)
-    console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(file_handler)
-    logger.addHandler(console)
+    if console_on():
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.INFO)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
     return logger
 
 
@@ -197,6 +200,65 @@ class FeatureCache:
         return feats.to(device), labels.to(device)
 
 
+# Config keys that only the image stage reads (the prompt stage's learning rate, which falls back
+# on lr, enters the key resolved): runs that differ in nothing else train the same prompt stage.
+IMAGE_STAGE_KEYS = frozenset({
+    "lr", "center_loss_weight", "center_lr", "epochs_image", "triplet_margin", "label_smoothing", "id_loss_weight",
+    "triplet_loss_weight", "i2t_loss_weight", "t2i_loss_weight", "i2t_label_smoothing", "lr_schedule", "lr_steps",
+    "lr_gamma", "weight_decay_bias", "bias_lr_factor", "val_every", "val_start", "select_metric", "output_dir"})
+
+
+class _RecordingTracker:
+    """Passes everything on to ``tracker`` and keeps the metrics logged, to replay them."""
+
+    def __init__(self, tracker: Tracker):
+        self._tracker, self.metrics = tracker, []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.metrics.append(({k: float(v) for k, v in metrics.items()}, step))
+        self._tracker.log_metrics(metrics, step)
+
+    def __getattr__(self, name):
+        return getattr(self._tracker, name)
+
+
+class PromptStageCache:
+    """Finished prompt stages shared by runs that would train the same one (the trials of a study
+    that differ only in image-stage keys, such as lr or center_loss_weight): the learned prompt,
+    the random state after the stage, its logged metrics and its FINAL checkpoint. A run that
+    finds its stage here goes on from exactly where the first run's prompt stage ended (with
+    ``--n-jobs 1``; threads share the global RNG). Thread-safe: runs needing the same stage at
+    once wait for the first; ``misses`` counts the stages actually trained."""
+
+    def __init__(self):
+        self.entries: dict[str, dict] = {}
+        self.misses = 0
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(cfg: Config) -> str:
+        values = {k: v for k, v in cfg.to_dict().items() if k not in IMAGE_STAGE_KEYS}
+        values["prompt_stage"] = dataclasses.asdict(PromptStageSettings.from_config(cfg))
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @contextlib.contextmanager
+    def slot(self, cfg: Config):
+        """Yields ``cfg``'s stored stage, or None: then the caller trains it and ``store``s it
+        before leaving, while runs needing the same stage wait."""
+        key = self.key(cfg)
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                self.misses += 1
+            yield entry
+
+    def store(self, cfg: Config, entry: dict) -> None:
+        self.entries[self.key(cfg)] = entry
+
+
 def preflight(cfg: Config, ranks: int | None = None) -> None:
     """The config mistakes that can be found before anything starts (model name, device, data
     folder, what ``ranks`` processes (default: torchrun's) cannot run): found here, they leave
@@ -261,14 +323,15 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
 def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 report: Callable[[int, dict], None] | None = None, *, run_name: str | None = None,
                 parent_run_id: str | None = None, extra_tags: dict | None = None,
-                feature_cache: FeatureCache | None = None, keep_checkpoints: bool = True,
-                resume_dir: str | Path | None = None) -> dict:
+                feature_cache: FeatureCache | None = None, prompt_cache: PromptStageCache | None = None,
+                keep_checkpoints: bool = True, resume_dir: str | Path | None = None) -> dict:
     """One complete run: prompt stage and/or image stage as ``cfg.stage_mode`` says.
 
     ``cfg`` is a Config or a YAML path. The tracker (default: none) gets one run named by
     ``build_filename``'s stem. ``report(epoch, metrics)`` is called after every validation.
     ``feature_cache`` (a FeatureCache shared between runs) reuses the frozen training features of the
-    prompt stage when model, weights, data and transforms are the same. Returns the final
+    prompt stage when model, weights, data and transforms are the same; ``prompt_cache`` (a
+    PromptStageCache) the whole prompt stage when only image-stage keys differ. Returns the final
     metrics: best_rank1, best_mAP, best_epoch, final rank-k, wall times, run_id and run_dir.
 
     ``resume_dir`` (the folder of an earlier, interrupted run of the same config) continues it:
@@ -311,14 +374,15 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
             raise
         if cfg.system_metrics or (cfg.system_metrics is None and select_device(cfg.device).type == "cuda"):
             stack.enter_context(tracker.system_metrics(cfg.system_metrics_interval))
-        result = _tracked_run(cfg, tracker, report, run_dir, stem, run_id, feature_cache, keep_checkpoints,
+        result = _tracked_run(cfg, tracker, report, run_dir, stem, run_id, (feature_cache, prompt_cache),
+                              keep_checkpoints,
                               resume=resume_dir is not None, new_run=previous_run_id is None,
                               hint_resume=(extra_tags or {}).get("workbench.role") != "trial")
     return result
 
 
 def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str, run_id: str,
-                 feature_cache: FeatureCache | None, keep_checkpoints: bool, resume: bool, new_run: bool,
+                 caches: tuple[FeatureCache | None, PromptStageCache | None], keep_checkpoints: bool, resume: bool, new_run: bool,
                  hint_resume: bool = True) -> dict:
     """The body of ``train_joint`` inside its MLflow run: log file, config, stages, plots,
     checkpoints; a failure's traceback goes to the log file, its one line to the caller. An
@@ -345,7 +409,7 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
         if new_run:
             tracker.log_params(run_params(cfg))
             tracker.log_artifact(config_path)
-        result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, feature_cache, resume=resume,
+        result = _run_stages(cfg, tracker, report, log, run_dir, stem, written, caches, resume=resume,
                              run_id=run_id, resumable=hint_resume)
         result.update(run_id=run_id, run_dir=str(run_dir))
         tracker.log_metrics({k: result[k] for k in END_KEYS if result.get(k) is not None}, step=0)
@@ -395,6 +459,59 @@ def _resume_hint(cfg: Config, run_dir: Path, hint: bool) -> str:
         return ""
     ranks = f" --nproc {distributed.world_size()}" if distributed.active() else ""
     return f"; continue it with: workbench resume {run_dir}{ranks}"
+
+
+def _train_prompt_stage(cfg: Config, clip_model, prompt_learner, loaders, device: torch.device, tracker: Tracker, log,
+                        feature_cache: FeatureCache | None, path: Path | None, metadata: dict,
+                        prompt_cache: PromptStageCache | None, source: str) -> dict:
+    """Train the prompt stage (on the shared frozen features when ``feature_cache`` has them);
+    with ``prompt_cache``, store it for the runs that would train the same one."""
+    cached = None
+    if feature_cache is not None:
+        misses = feature_cache.misses
+        cached = feature_cache.get(cfg, lambda: cache_image_features(clip_model, loaders.train_eval, device,
+                                                                     cfg.amp), device)
+        log("frozen training features: " + ("computed and cached" if feature_cache.misses > misses
+                                             else "reused from the cache"))
+    recorder = _RecordingTracker(tracker)
+    prompt = train_clipreid_prompt_stage(clip_model, prompt_learner, loaders.train_eval,
+                                         PromptStageSettings.from_config(cfg), device, recorder, log,
+                                         cached_features=cached, checkpoint_path=path, metadata=metadata)
+    if prompt_cache is not None:
+        prompt_cache.store(cfg, {
+            "state": {k: v.detach().to("cpu", copy=True) for k, v in prompt_learner.state_dict().items()},
+            "rng": rng_state(), "metrics": recorder.metrics, "source": source,
+            "checkpoint": read_checkpoint(path) if path is not None else None,
+            "result": {k: prompt[k] for k in ("prompt_loss", "prompt_rank1", "prompt_mAP", "steps")}})
+    return prompt
+
+
+def _reuse_prompt_stage(entry: dict, clip_model, prompt_learner, tracker: Tracker, log, path: Path | None,
+                        metadata: dict) -> dict:
+    """Go on from a prompt stage another run trained (``PromptStageCache``): its prompt, its
+    random state, its metrics logged again to this run, and its FINAL checkpoint with this run's
+    metadata; the stage's wall time here is the time this took."""
+    started = time.perf_counter()
+    freeze_entire_clip_model(clip_model)
+    prompt_learner.load_state_dict(entry["state"])
+    for p in prompt_learner.parameters():
+        p.requires_grad_(True)
+    clip_model.eval()
+    prompt_learner.train()
+    for metrics, step in entry["metrics"]:
+        tracker.log_metrics(metrics, step)
+    tracker.flush()
+    tracker.set_tags({"prompt_stage_from": entry["source"]})
+    result = entry["result"]
+    log(f"prompt stage: the same as in run {entry['source']} (only image-stage keys differ), reused: "
+        f"{result['steps']} steps, loss {result['prompt_loss']:.4f}, image-to-prompt rank1 "
+        f"{result['prompt_rank1']:.2f} mAP {result['prompt_mAP']:.2f}")
+    if path is not None:
+        atomic_torch_save({**entry["checkpoint"], "metadata": {**metadata, "stage": "prompt",
+                                                      "progress": {"global_step": result["steps"]}}}, path)
+        log(f"saved FINAL -> {path}")
+    set_rng_state(entry["rng"])  # last: the image stage draws what it would after training the prompt here
+    return {**result, "seconds": time.perf_counter() - started}
 
 
 def build_model_and_loaders(cfg: Config, data, device: torch.device, log: Callable[[str], None] | None = None,
@@ -498,11 +615,12 @@ def summary_line(result: dict) -> str:
 
 
 def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem: str, written: list[Path],
-                feature_cache: FeatureCache | None, resume: bool = False, run_id: str | None = None,
-                resumable: bool = True) -> dict:
+                caches: tuple[FeatureCache | None, PromptStageCache | None], resume: bool = False,
+                run_id: str | None = None, resumable: bool = True) -> dict:
     """Data, model and the stages of ``cfg.stage_mode``. Without ``resumable`` (a tuning trial,
     which is replaced rather than resumed) no LAST checkpoint is written after each epoch."""
     started = time.perf_counter()
+    feature_cache, prompt_cache = caches
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     ensure_dataset(cfg, log)
@@ -562,17 +680,13 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
         log("resuming: the prompt stage finished before; not retraining it")
         written.append(prompt_path)
     elif cfg.trains_prompt:
-        cached = None
-        if feature_cache is not None:
-            misses = feature_cache.misses
-            cached = feature_cache.get(cfg, lambda: cache_image_features(clip_model, loaders.train_eval, device,
-                                                                         cfg.amp), device)
-            log("frozen training features: " + ("computed and cached" if feature_cache.misses > misses
-                                                 else "reused from the cache"))
         path = prompt_path if cfg.save_checkpoints else None
-        prompt = train_clipreid_prompt_stage(clip_model, prompt_learner, loaders.train_eval,
-                                             PromptStageSettings.from_config(cfg), device, tracker, log,
-                                             cached_features=cached, checkpoint_path=path, metadata=metadata)
+        with prompt_cache.slot(cfg) if prompt_cache is not None else contextlib.nullcontext() as shared:
+            if shared is not None:
+                prompt = _reuse_prompt_stage(shared, clip_model, prompt_learner, tracker, log, path, metadata)
+            else:
+                prompt = _train_prompt_stage(cfg, clip_model, prompt_learner, loaders, device, tracker, log,
+                                             feature_cache, path, metadata, prompt_cache, run_dir.name)
         if path is not None:
             written.append(path)
         step = prompt["steps"]

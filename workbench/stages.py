@@ -9,8 +9,10 @@ steps (one synchronisation), where they are checked for NaN and sent to the trac
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,25 @@ from .errors import NonFiniteLossError
 
 Log = Callable[[str], None]
 Report = Callable[[int, dict], None]
+
+_console = threading.local()
+
+
+@contextlib.contextmanager
+def quiet_console():
+    """Runs in this thread print nothing to the console (their log files keep every line): the
+    trials of a study running side by side, whose progress bars would interleave."""
+    before = getattr(_console, "quiet", False)
+    _console.quiet = True
+    try:
+        yield
+    finally:
+        _console.quiet = before
+
+
+def console_on() -> bool:
+    """Whether this run prints progress and log lines: DDP rank 0, outside ``quiet_console``."""
+    return distributed.is_main() and not getattr(_console, "quiet", False)
 
 
 def lr_factor(epoch: int, epochs: int, warmup_epochs: int, base_lr: float, eta_min: float,
@@ -202,6 +223,7 @@ class ImageStageSettings:
     log_every: int = 20
     max_rank: int = 50
     val_every: int = 1
+    val_start: int = 1
     seed: int = 0  # under DDP, ranks other than 0 draw their augmentation from it
     global_batch: bool = True  # under DDP: losses on the gathered global batch (False: each rank's share)
 
@@ -220,7 +242,8 @@ class ImageStageSettings:
                    train_text_encoder=cfg.train_text_encoder, logit_scale=cfg.contrastive_logit_scale,
                    train_feature=cfg.train_feature, pre_proj=cfg.test_feature == "proj_and_pre_proj",
                    eval_neck=cfg.eval_neck_feat, select_metric=cfg.select_metric, amp=cfg.amp,
-                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every, seed=cfg.seed,
+                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every, val_start=cfg.val_start or 1,
+                   seed=cfg.seed,
                    global_batch=cfg.ddp_global_batch)
 
     @property
@@ -284,7 +307,7 @@ def train_clipreid_prompt_stage(clip_model: nn.Module, prompt_learner: nn.Module
     retrieval: dict = {}
     last: dict = {}
     bar = tqdm(range(settings.epochs), desc="prompt stage", unit="epoch", dynamic_ncols=True,
-               disable=not distributed.is_main())
+               disable=not console_on())
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
         perm = distributed.broadcast(torch.randperm(n, device=device))  # one batch order for every rank
@@ -414,9 +437,9 @@ class Selection:
     exactly (``resume``)."""
 
     def __init__(self, name: str, select: str, split: EvalSplit, tracker: Tracker, log: Log, epochs: int,
-                 every: int = 1):
+                 every: int = 1, start: int = 1):
         self.name, self.select, self.split, self.tracker, self.log = name, select, split, tracker, log
-        self.epochs, self.every = epochs, every
+        self.epochs, self.every, self.start = epochs, every, start
         self._counted = False
         self.best = {k: (-1.0 if k == select else 0.0) for k in METRIC_KEYS}
         self.best_state: dict | None = None
@@ -441,8 +464,9 @@ class Selection:
         return {k: v for k, v in self.metrics.items() if k != "num_valid_q"}
 
     def due(self, epoch: int) -> bool:
-        """Whether epoch ``epoch`` (0-based) is validated: every ``every``-th epoch and the last."""
-        return (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs
+        """Whether epoch ``epoch`` (0-based) is validated: every ``every``-th epoch from epoch
+        ``start`` (1-based) on, and the last."""
+        return epoch + 1 == self.epochs or (epoch + 1 >= self.start and (epoch + 1) % self.every == 0)
 
     def end_epoch(self, epoch: int, lr: float, train_loss: float, metrics: dict | None, model: nn.Module,
                   save: Callable[[str, int], None] | None, report: Report | None, extra: dict | None = None) -> None:
@@ -453,8 +477,9 @@ class Selection:
         if metrics is None:
             self.tracker.log_metrics({"epoch_loss": train_loss}, step=epoch + 1)
             self.tracker.flush()
-            self.log(f"{self.name} epoch {epoch + 1}/{self.epochs}: loss {train_loss:.4f} lr {lr:.2e} (validated "
-                     f"every {self.every} epochs)")
+            when = (f"validation starts at epoch {self.start}" if epoch + 1 < self.start
+                    else f"validated every {self.every} epochs")
+            self.log(f"{self.name} epoch {epoch + 1}/{self.epochs}: loss {train_loss:.4f} lr {lr:.2e} ({when})")
             if save is not None:
                 save("LAST", epoch + 1)
             return
@@ -537,7 +562,8 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
     selection, test = eval_splits(loaders)
-    book = Selection("image", settings.select_metric, selection, tracker, log, settings.epochs, settings.val_every)
+    book = Selection("image", settings.select_metric, selection, tracker, log, settings.epochs, settings.val_every,
+                     settings.val_start)
     step, first_epoch = start_step, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
@@ -621,7 +647,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
             prompt_learner.train()
         lr = optimizer.param_groups[0]["lr"]
         bar = tqdm(loaders.train, desc=f"image stage {epoch + 1}/{settings.epochs}", unit="batch",
-                   dynamic_ncols=True, leave=False, disable=not distributed.is_main())
+                   dynamic_ncols=True, leave=False, disable=not console_on())
         for images, labels, _, _ in bar:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)

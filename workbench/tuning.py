@@ -38,7 +38,8 @@ import torch
 from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
 from .errors import ResourceError, StorageError, StudyFailed, TrackingError, UsageError, os_error_message
-from .runner import FeatureCache, train_joint
+from .runner import FeatureCache, PromptStageCache, train_joint
+from .stages import quiet_console
 from .tracking import MlflowTracker, RunStopped, mark_stale_runs, process_alive
 
 STUDIES_DIR = Path("studies")
@@ -392,14 +393,20 @@ def build_sampler(name: str, seed: int):
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
+def first_judged_epoch(name: str, epochs: int) -> int:
+    """The first epoch a pruner judges: the first quarter of the image stage is never pruned
+    (early mAP says little about the final one); 1 without a pruner."""
+    return 1 if name == "none" else max(1, epochs // 4)
+
+
 def build_pruner(name: str, epochs: int):
-    """Pruners judge the per-epoch validation metric; the first quarter of the image stage is
-    never pruned (early mAP says little about the final one)."""
+    """Pruners judge the per-epoch validation metric from ``first_judged_epoch`` on."""
     if name == "none":
         return optuna.pruners.NopPruner()
+    start = first_judged_epoch(name, epochs)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, epochs // 4), max_resource=max(1, epochs))
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 4))
+        return optuna.pruners.HyperbandPruner(min_resource=start, max_resource=max(1, epochs))
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=start)
 
 
 def suggest_overrides(trial: optuna.trial.BaseTrial, space: dict) -> dict:
@@ -538,6 +545,7 @@ class Study:
         self._db_lock = (_advisory_lock(url, f"claim:{options.study_name}", self.grace_period)
                          if url and _backend(url) == "postgresql" else None)
         self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
+        self.prompt_cache = PromptStageCache()  # trials that differ only in image-stage keys share one
         # No new trial starts once set; with _interrupt, running trials end too (``stop``).
         self.stopping = threading.Event()
         self._interrupt: type[BaseException] | None = None
@@ -642,13 +650,17 @@ class Study:
         """One trial: a complete run with the sampled values (on ``device`` when given)."""
         values = suggest_overrides(trial, self.tune.space)
         pinned = {"device": device} if device else {}
+        # Validations before the pruner's first judged epoch would only draw curve points (val_start)
+        schedule = {} if self.cfg.val_start is not None or "val_start" in values else {
+            "val_start": first_judged_epoch(self.pruner_name, values.get("epochs_image", self.cfg.epochs_image))}
         try:
-            cfg = config_module.replace(self.cfg, **values, **pinned, output_dir=str(self.trial_dir(trial.number)))
+            cfg = config_module.replace(self.cfg, **values, **schedule, **pinned,
+                                        output_dir=str(self.trial_dir(trial.number)))
         except ConfigError as err:  # a sampled combination the config rejects
             trial.set_user_attr("fail_reason", str(err))
             raise
         trial.set_user_attr("seed", cfg.seed)
-        trial.set_user_attr("rerun", rerun_command(self.config_path, self.base_overrides, values))
+        trial.set_user_attr("rerun", rerun_command(self.config_path, self.base_overrides, values | schedule))
         report_key = TUNE_METRICS[self.metric]
 
         def report(epoch: int, metrics: dict) -> None:
@@ -664,10 +676,13 @@ class Study:
         stem = build_filename(cfg, cfg.epochs_image, "image")
         tracker = _TrialTracker(self.tracking_uri, trial, self.check_interrupt)
         tags = {"study_name": self.options.study_name, "trial_number": trial.number, "workbench.role": "trial"}
+        quiet = quiet_console() if self.options.n_jobs > 1 else contextlib.nullcontext()  # one line per trial
         try:
-            result = train_joint(cfg, tracker, report, run_name=f"{stem}_trial{trial.number}",
-                                 parent_run_id=self.parent_run_id, extra_tags=tags,
-                                 feature_cache=self.feature_cache, keep_checkpoints=self.keep == "all")
+            with quiet:
+                result = train_joint(cfg, tracker, report, run_name=f"{stem}_trial{trial.number}",
+                                     parent_run_id=self.parent_run_id, extra_tags=tags,
+                                     feature_cache=self.feature_cache, prompt_cache=self.prompt_cache,
+                                     keep_checkpoints=self.keep == "all")
             value = result[self.metric]
             if value is None or not math.isfinite(value):
                 raise ValueError(f"the run produced no finite {self.metric}")

@@ -39,7 +39,7 @@ from ..losses import CenterLoss, LossSet, build_loss, id_loss, supcon_loss, trip
 from ..model import (check_prompt_fits, encode_image_tokens, encode_prompt_embeddings, freeze_entire_clip_model,
                      image_encoder_parameters, resolve_model_name, slot_prompt, unfreeze_clip_image_encoder)
 from ..stages import (ImageStageSettings, Log, Report, Selection, StepMetrics, adam, autocast_for, build_scheduler,
-                      eval_splits, logit_scale_of, match_device, param_groups)
+                      console_on, eval_splits, logit_scale_of, match_device, param_groups)
 from ..tracking import Tracker
 
 PROMPTS = ("composed", "simplified")
@@ -373,7 +373,7 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
     selection, test = eval_splits(loaders)
     classes = loaders.data.class_to_idx
     book = Selection("promptsg", settings.select_metric, selection, tracker, log, settings.epochs,
-                     settings.val_every)
+                     settings.val_every, settings.val_start)
     step, first_epoch = start_step, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
@@ -411,7 +411,7 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
         clip_model.train()
         lr, lr_module = optimizer.param_groups[0]["lr"], optimizer.param_groups[module_group]["lr"]
         bar = tqdm(loaders.train, desc=f"promptsg {epoch + 1}/{settings.epochs}", unit="batch", dynamic_ncols=True,
-                   leave=False, disable=not distributed.is_main())
+                   leave=False, disable=not console_on())
         for images, labels, _, _ in bar:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
