@@ -1,6 +1,7 @@
 """What a study costs: the same study (same sampler seed, same trials) of the quickstart run twice
 in one process, once with the speed switches off (images decoded on every read, validation
-every epoch: the settings before issue 10) and once with the given ones, each on its own
+every epoch from the first, every trial training its own prompt stage: the settings before
+issue 10) and once with the given ones, each on its own
 fresh journal and SQLite store. Prints wall times, trial tallies, the best metric, and the ratio.
 
     python bench/tune_cost.py [--config experiments/quickstart.yaml] [--trials 50] [--n-jobs 1]
@@ -19,12 +20,12 @@ import optuna
 from workbench import config
 from workbench.tuning import TuneOptions, run_study
 
-BEFORE = ["cache_images=false", "val_every=1"]
+BEFORE = ["cache_images=false", "val_every=1", "val_start=1"]
 
 
 def study_cost(cfg: config.Config, trials: int, n_jobs: int, folder: Path, name: str) -> dict:
     options = TuneOptions(trials=trials, study_name=name, storage=str(folder / f"{name}.log"), n_jobs=n_jobs,
-                          tracking_uri=f"sqlite:///{folder / f'{name}.db'}")
+                          tracking_uri=f"sqlite:///{folder / f'{name}.db'}", share_prompt_stages=name != "before")
     started = time.perf_counter()
     study = run_study(cfg, options, log=lambda line: print(f"  {name}: {line}", file=sys.stderr),
                       studies_dir=folder / "studies")

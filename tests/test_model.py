@@ -223,6 +223,7 @@ def test_a_weights_file_loads_without_the_random_init_warning(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         load_clip_with_patch("wb-tiny", pretrained=str(path), image_size=(64, 32))
+        load_clip_with_patch("wb-tiny", pretrained=None, image_size=(64, 32))  # random weights, as the log says
     assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
 
 

@@ -166,7 +166,8 @@ class _DropRandomInitWarning(logging.Filter):
 @contextlib.contextmanager
 def _quiet_random_init_warning(active: bool):
     """open_clip warns 'No pretrained weights loaded ... initialized randomly' when it builds a model
-    whose weights workbench loads itself from a file right after; drop that line then."""
+    whose weights workbench loads itself from a file right after, or one meant to start from random
+    weights (the log's activation line says so); drop that line then."""
     if not active:
         yield
         return
@@ -236,7 +237,7 @@ def load_clip_with_patch(model_type: str, device: torch.device | str = "cpu", fr
     try:
         # Only the quick_gelu model kwarg can turn a -quickgelu config back to GELU;
         # force_quick_gelu keeps open_clip's own tag-mismatch warning in step with it.
-        with _quiet_random_init_warning(isinstance(weights, dict)):  # the weights are loaded next, here
+        with _quiet_random_init_warning(weights is None or isinstance(weights, dict)):  # random, or loaded next
             model = open_clip.create_model(
                 name, pretrained=weights if isinstance(weights, str) else None,
                 force_quick_gelu=quick_gelu, quick_gelu=quick_gelu,

@@ -34,7 +34,7 @@ from .checkpoint import (atomic_torch_save, atomic_write_text, check_readable, l
 from .heads import register_bnneck_and_arcface
 from .model import (PromptLearner, check_prompt_fits, compile_encoders, freeze_entire_clip_model, load_clip_with_patch,
                     resolve_model_name)
-from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, console_on,
+from .stages import (ImageStageSettings, PromptStageSettings, cache_image_features, console_on, quiet_console,
                      train_clipreid_image_stage, train_clipreid_prompt_stage)
 from .tracking import NullTracker, RunStopped, Tracker, run_params
 from .methods.promptsg import STEP_KEYS as PROMPTSG_STEP_KEYS
@@ -324,7 +324,7 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
                 report: Callable[[int, dict], None] | None = None, *, run_name: str | None = None,
                 parent_run_id: str | None = None, extra_tags: dict | None = None,
                 feature_cache: FeatureCache | None = None, prompt_cache: PromptStageCache | None = None,
-                keep_checkpoints: bool = True, resume_dir: str | Path | None = None) -> dict:
+                keep_checkpoints: bool = True, resume_dir: str | Path | None = None, quiet: bool = False) -> dict:
     """One complete run: prompt stage and/or image stage as ``cfg.stage_mode`` says.
 
     ``cfg`` is a Config or a YAML path. The tracker (default: none) gets one run named by
@@ -336,7 +336,13 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
 
     ``resume_dir`` (the folder of an earlier, interrupted run of the same config) continues it:
     a finished prompt stage is loaded, not retrained, the image stage goes on after its last
-    finished epoch, and the same MLflow run receives the numbers."""
+    finished epoch, and the same MLflow run receives the numbers. ``quiet`` keeps the progress
+    bars and log lines off the console (the log file has them): trials side by side."""
+    if quiet:
+        with quiet_console():
+            return train_joint(cfg, tracker, report, run_name=run_name, parent_run_id=parent_run_id,
+                               extra_tags=extra_tags, feature_cache=feature_cache, prompt_cache=prompt_cache,
+                               keep_checkpoints=keep_checkpoints, resume_dir=resume_dir)
     cfg = config_module.load(cfg) if isinstance(cfg, (str, Path)) else cfg
     main = distributed.is_main()
     tracker = tracker if tracker is not None and main else NullTracker()  # under DDP only rank 0 logs

@@ -39,7 +39,6 @@ from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
 from .errors import ResourceError, StorageError, StudyFailed, TrackingError, UsageError, os_error_message
 from .runner import FeatureCache, PromptStageCache, train_joint
-from .stages import quiet_console
 from .tracking import MlflowTracker, RunStopped, mark_stale_runs, process_alive
 
 STUDIES_DIR = Path("studies")
@@ -82,6 +81,7 @@ class TuneOptions:
     sampler: str | None = None
     tracking_uri: str | None = None
     keep_checkpoints: str | None = None
+    share_prompt_stages: bool = True  # trials that differ only in image-stage keys share one (PromptStageCache)
 
     def __post_init__(self):
         # Checked before anything is created: a wrong value leaves no study and no MLflow run.
@@ -545,7 +545,7 @@ class Study:
         self._db_lock = (_advisory_lock(url, f"claim:{options.study_name}", self.grace_period)
                          if url and _backend(url) == "postgresql" else None)
         self.feature_cache = FeatureCache(studies_dir / f"{options.study_name}_features")
-        self.prompt_cache = PromptStageCache()  # trials that differ only in image-stage keys share one
+        self.prompt_cache = PromptStageCache() if options.share_prompt_stages else None
         # No new trial starts once set; with _interrupt, running trials end too (``stop``).
         self.stopping = threading.Event()
         self._interrupt: type[BaseException] | None = None
@@ -676,13 +676,12 @@ class Study:
         stem = build_filename(cfg, cfg.epochs_image, "image")
         tracker = _TrialTracker(self.tracking_uri, trial, self.check_interrupt)
         tags = {"study_name": self.options.study_name, "trial_number": trial.number, "workbench.role": "trial"}
-        quiet = quiet_console() if self.options.n_jobs > 1 else contextlib.nullcontext()  # one line per trial
         try:
-            with quiet:
-                result = train_joint(cfg, tracker, report, run_name=f"{stem}_trial{trial.number}",
-                                     parent_run_id=self.parent_run_id, extra_tags=tags,
-                                     feature_cache=self.feature_cache, prompt_cache=self.prompt_cache,
-                                     keep_checkpoints=self.keep == "all")
+            result = train_joint(cfg, tracker, report, run_name=f"{stem}_trial{trial.number}",
+                                 parent_run_id=self.parent_run_id, extra_tags=tags,
+                                 feature_cache=self.feature_cache, prompt_cache=self.prompt_cache,
+                                 keep_checkpoints=self.keep == "all",
+                                 quiet=self.options.n_jobs > 1)  # side by side: one line per trial
             value = result[self.metric]
             if value is None or not math.isfinite(value):
                 raise ValueError(f"the run produced no finite {self.metric}")
