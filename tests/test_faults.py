@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from workbench import config
 from workbench.cli import main
 from workbench.runner import train_joint
-from workbench.tracking import MlflowTracker, mark_stale_runs, stale_reason
+from workbench.tracking import MlflowTracker, machine_id, mark_stale_runs, stale_reason
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 
@@ -189,9 +189,13 @@ def test_stale_runs_are_marked_killed_and_live_ones_kept(tmp_path):
         "alive": {"workbench.host": host, "workbench.pid": str(os.getpid())},
         "elsewhere_silent": {"workbench.host": "another-machine", "workbench.heartbeat": "1000"},
         "elsewhere_recent": {"workbench.host": "another-machine"},
+        # same host name, another PID namespace (a container): its pid means nothing here
+        "other_namespace": {"workbench.host": host, "workbench.machine": f"{host}/1", "workbench.pid": str(dead_pid)},
+        "sigkilled_here": {"workbench.host": host, "workbench.machine": machine_id(), "workbench.pid": str(dead_pid)},
     }
     ids = {name: client.create_run(experiment, run_name=name, tags=tags).info.run_id for name, tags in runs.items()}
-    assert mark_stale_runs(client, [experiment], "a test") == [ids["sigkilled"]]
+    assert sorted(mark_stale_runs(client, [experiment], "a test")) == sorted([ids["sigkilled"], ids["sigkilled_here"]])
+    assert client.get_run(ids["other_namespace"]).info.status == "RUNNING"
     killed = client.get_run(ids["sigkilled"])
     assert killed.info.status == "KILLED" and "marked KILLED by a test" in killed.data.tags["workbench.stale"]
     assert client.get_run(ids["alive"]).info.status == "RUNNING"

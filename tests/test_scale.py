@@ -114,7 +114,7 @@ def test_a_worker_killed_on_another_machine_is_replaced_through_the_heartbeat(se
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     (lost,) = running
-    assert lost.user_attrs["worker"].startswith("other-machine:")
+    assert lost.user_attrs["worker"].startswith("other-machine/")  # host name/PID namespace:pid
     rescuer = subprocess.run(tune_command(quick, "dead", storage, tracking, 2), cwd=tmp_path, capture_output=True,
                              text=True, timeout=600)
     assert rescuer.returncode == 0, rescuer.stdout + rescuer.stderr

@@ -207,6 +207,28 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_by_its_a
     assert any("no heartbeat for 2 s from another-machine:4242" in line for line in lines)
 
 
+def test_a_dead_pid_means_a_dead_worker_only_in_this_pid_namespace(tune_config, tmp_path, monkeypatch):
+    """Worker ids name the host and its PID namespace: a container sharing this host name but not
+    its process ids is another machine, whose trial a dead local pid does not fail."""
+    import socket
+
+    from workbench.tracking import machine_id
+
+    storage = tmp_path / "ns.journal"
+    ghosts = optuna.create_study(study_name="ns", storage=storage_for("ns", str(storage))[0], direction="maximize")
+    dead_pid = 2 ** 22 + 1  # above Linux's pid_max: never a live process
+    here, container = ghosts.ask(), ghosts.ask()
+    here.set_user_attr("worker", f"{machine_id()}:{dead_pid}")
+    container.set_user_attr("worker", f"{socket.gethostname()}/1:{dead_pid}")
+    monkeypatch.setattr(tuning, "train_joint", fake_train_joint(tmp_path))
+    study = run_study(tune_config, TuneOptions(trials=1, study_name="ns", storage=str(storage),
+                                               tracking_uri=f"sqlite:///{tmp_path / 'm.db'}"),
+                      log=lambda _: None, studies_dir=tmp_path / "studies")
+    assert study.trials[here.number].state == optuna.trial.TrialState.FAIL
+    assert study.trials[here.number].user_attrs["fail_reason"].startswith(WORKER_ENDED)
+    assert study.trials[container.number].state == optuna.trial.TrialState.RUNNING
+
+
 def test_a_database_that_stops_answering_is_a_fault():
     """Optuna's storage error and a lost connection stop the study (the trial is replaced), as a
     full disk or a tracking store that went away do; a trial's own error does not."""

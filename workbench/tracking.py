@@ -192,6 +192,7 @@ class MlflowTracker(NullTracker):
         """A new run (nested under ``parent_run_id`` when given), or with ``run_id`` the same run
         again (a resumed training run). Undelivered metrics are saved in ``spool_dir``."""
         tags = {k: str(v) for k, v in (tags or {}).items()} | {"workbench.host": socket.gethostname(),
+                                                              "workbench.machine": machine_id(),
                                                               "workbench.pid": str(os.getpid())}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -385,6 +386,16 @@ HEARTBEAT_TAG = "workbench.heartbeat"  # unix time of the run's latest sign of l
 STALE_AFTER_SECONDS = 3600  # a RUNNING run on another machine without a heartbeat for this long is stale
 
 
+def machine_id() -> str:
+    """This machine as process ids see it: the host name and, where Linux shows it, the PID
+    namespace. Containers that share a host name but not their process ids (each its own PID
+    namespace) are then different machines, whose pids this one never looks up."""
+    try:
+        return f"{socket.gethostname()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
 def stale_reason(run, now: float | None = None) -> str | None:
     """Why a RUNNING MLflow run is stale (its process ended without closing it: SIGKILL, a
     crashed machine), or None while it may still be alive: on this machine its process must
@@ -393,7 +404,8 @@ def stale_reason(run, now: float | None = None) -> str | None:
         return None
     tags = run.data.tags
     host, pid = tags.get("workbench.host"), tags.get("workbench.pid", "")
-    if host == socket.gethostname() and pid.isdigit():
+    machine = tags.get("workbench.machine")  # runs before this tag: the host name alone
+    if (machine == machine_id() if machine else host == socket.gethostname()) and pid.isdigit():
         return None if process_alive(int(pid)) else f"its process {pid} on {host} ended without closing it"
     last = max(float(tags.get(HEARTBEAT_TAG, 0)), (run.info.start_time or 0) / 1000)
     now = time.time() if now is None else now

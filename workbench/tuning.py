@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shlex
-import socket
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
 from .errors import ResourceError, StorageError, StudyFailed, TrackingError, UsageError, os_error_message
 from .runner import FeatureCache, PromptStageCache, train_joint
-from .tracking import MlflowTracker, RunStopped, mark_stale_runs, process_alive
+from .tracking import MlflowTracker, RunStopped, machine_id, mark_stale_runs, process_alive
 
 STUDIES_DIR = Path("studies")
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -549,7 +548,7 @@ class Study:
         # No new trial starts once set; with _interrupt, running trials end too (``stop``).
         self.stopping = threading.Event()
         self._interrupt: type[BaseException] | None = None
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = f"{machine_id()}:{os.getpid()}"  # host/PID namespace:pid
         try:
             self.study = optuna.create_study(
                 study_name=options.study_name, storage=self.storage, load_if_exists=True,
@@ -783,7 +782,7 @@ class Study:
     def _watched_elsewhere(self) -> bool:
         """Whether another worker runs a trial whose death this worker would notice (its process on
         this machine, or a heartbeat in the database): one that may still need replacing."""
-        host, heartbeats = socket.gethostname(), _heartbeat_enabled(self.study._storage)
+        host, heartbeats = machine_id(), _heartbeat_enabled(self.study._storage)
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             worker = str(trial.user_attrs.get("worker", ""))
             if worker != self.worker_id and (heartbeats or worker.rpartition(":")[0] == host):
@@ -795,7 +794,7 @@ class Study:
         that they are replaced (or retried, ``retry_failed``): a process of this machine that no
         longer exists, or, with a database storage, a worker anywhere whose trial has had no
         heartbeat for ``grace_period`` seconds (call under the claim lock)."""
-        host, storage = socket.gethostname(), self.study._storage  # Optuna has no public call to fail a foreign trial
+        host, storage = machine_id(), self.study._storage  # Optuna has no public call to fail a foreign trial
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         stale, silent = set(), set()
         if _heartbeat_enabled(storage) and running:
