@@ -342,7 +342,7 @@ def test_val_start_skips_the_early_validations(tiny_config, tmp_path):
     assert reports == [4, 6] and steps["mAP"] == [4, 6] and steps["epoch_loss"] == [1, 2, 3, 4, 5, 6]
     assert result["best_epoch"] in (4, 6)
     log = next(Path(result["run_dir"]).glob("*.log")).read_text()
-    assert "image epoch 1/6: loss" in log and "(validation starts at epoch 3)" in log
+    assert "image epoch 1/6: loss" in log and "(first validation at epoch 4)" in log
     late = train_joint(config.replace(cfg, val_every=1, val_start=9), RecordingTracker())  # past the end: the last only
     assert late["best_epoch"] == 6
     with pytest.raises(config.ConfigError, match="val_start: must be >= 1"):
@@ -391,7 +391,7 @@ def test_a_reused_prompt_stage_gives_what_training_it_gives(tiny_config):
     reused = train_joint(other, reused_tracker, prompt_cache=cache)
     fresh = train_joint(other, fresh_tracker)
     assert cache.misses == 1
-    assert reused_tracker.tags["prompt_stage_from"] == Path(first["run_dir"]).name
+    assert reused_tracker.tags["prompt_stage_from"] == first["run_id"]
     assert set(reused_tracker.history) == set(fresh_tracker.history)
     for key, points in fresh_tracker.history.items():
         if key not in ("prompt_stage_seconds", "image_stage_seconds", "total_seconds"):

@@ -217,15 +217,17 @@ def test_a_dead_pid_means_a_dead_worker_only_in_this_pid_namespace(tune_config, 
     storage = tmp_path / "ns.journal"
     ghosts = optuna.create_study(study_name="ns", storage=storage_for("ns", str(storage))[0], direction="maximize")
     dead_pid = 2 ** 22 + 1  # above Linux's pid_max: never a live process
-    here, container = ghosts.ask(), ghosts.ask()
+    here, container, legacy = ghosts.ask(), ghosts.ask(), ghosts.ask()
     here.set_user_attr("worker", f"{machine_id()}:{dead_pid}")
     container.set_user_attr("worker", f"{socket.gethostname()}/1:{dead_pid}")
+    legacy.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid}")  # an id from before the namespace
     monkeypatch.setattr(tuning, "train_joint", fake_train_joint(tmp_path))
     study = run_study(tune_config, TuneOptions(trials=1, study_name="ns", storage=str(storage),
                                                tracking_uri=f"sqlite:///{tmp_path / 'm.db'}"),
                       log=lambda _: None, studies_dir=tmp_path / "studies")
-    assert study.trials[here.number].state == optuna.trial.TrialState.FAIL
-    assert study.trials[here.number].user_attrs["fail_reason"].startswith(WORKER_ENDED)
+    for dead in (here, legacy):
+        assert study.trials[dead.number].state == optuna.trial.TrialState.FAIL
+        assert study.trials[dead.number].user_attrs["fail_reason"].startswith(WORKER_ENDED)
     assert study.trials[container.number].state == optuna.trial.TrialState.RUNNING
 
 
@@ -290,7 +292,7 @@ def test_parallel_trials_print_one_line_each_and_share_prompt_stages(tune_config
     assert len([line for line in lines if line.startswith("trial")]) == 3
     logs = [next(Path(t.user_attrs["run_dir"]).glob("*.log")).read_text() for t in study.trials]
     assert all("image epoch 2/2" in log for log in logs)
-    assert sum("prompt stage: the same as in run" in log for log in logs) == 2  # one trained it
+    assert sum("prompt stage: the same as in MLflow run" in log for log in logs) == 2  # one trained it
 
 
 def test_pruned_trial_ends_cleanly(tune_config, tmp_path):

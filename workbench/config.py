@@ -341,7 +341,8 @@ class Config:
     val_every: int = 1
     """Validate (select BEST, report to the pruner) every val_every-th epoch and at the last one."""
     val_start: Optional[int] = None
-    """The first image-stage epoch validated (earlier ones train without validation, so they are no
+    """Validation starts at this image-stage epoch: the epochs validated are the multiples of
+    val_every from val_start on, and the last (earlier ones train without validation, so they are no
     BEST candidates and draw no curve point); null: 1 in a run, and in a tuning trial the first epoch
     the pruner judges (a quarter of epochs_image), since earlier validations would only draw curves."""
     select_metric: str = "rank1"

@@ -494,7 +494,8 @@ def _train_prompt_stage(cfg: Config, clip_model, prompt_learner, loaders, device
 
 def _reuse_prompt_stage(entry: dict, clip_model, prompt_learner, tracker: Tracker, log, path: Path | None,
                         metadata: dict) -> dict:
-    """Go on from a prompt stage another run trained (``PromptStageCache``): its prompt, its
+    """Go on from a prompt stage another run trained (``PromptStageCache``; tag
+    ``prompt_stage_from``: that run's MLflow id): its prompt, its
     random state, its metrics logged again to this run, and its FINAL checkpoint with this run's
     metadata; the stage's wall time here is the time this took."""
     started = time.perf_counter()
@@ -509,7 +510,7 @@ def _reuse_prompt_stage(entry: dict, clip_model, prompt_learner, tracker: Tracke
     tracker.flush()
     tracker.set_tags({"prompt_stage_from": entry["source"]})
     result = entry["result"]
-    log(f"prompt stage: the same as in run {entry['source']} (only image-stage keys differ), reused: "
+    log(f"prompt stage: the same as in MLflow run {entry['source']} (only image-stage keys differ), reused: "
         f"{result['steps']} steps, loss {result['prompt_loss']:.4f}, image-to-prompt rank1 "
         f"{result['prompt_rank1']:.2f} mAP {result['prompt_mAP']:.2f}")
     if path is not None:
@@ -692,7 +693,7 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
                 prompt = _reuse_prompt_stage(shared, clip_model, prompt_learner, tracker, log, path, metadata)
             else:
                 prompt = _train_prompt_stage(cfg, clip_model, prompt_learner, loaders, device, tracker, log,
-                                             feature_cache, path, metadata, prompt_cache, run_dir.name)
+                                             feature_cache, path, metadata, prompt_cache, run_id or run_dir.name)
         if path is not None:
             written.append(path)
         step = prompt["steps"]

@@ -477,7 +477,8 @@ class Selection:
         if metrics is None:
             self.tracker.log_metrics({"epoch_loss": train_loss}, step=epoch + 1)
             self.tracker.flush()
-            when = (f"validation starts at epoch {self.start}" if epoch + 1 < self.start
+            first = min(self.epochs, -(-self.start // self.every) * self.every)  # the first multiple from start
+            when = (f"first validation at epoch {first}" if epoch + 1 < self.start
                     else f"validated every {self.every} epochs")
             self.log(f"{self.name} epoch {epoch + 1}/{self.epochs}: loss {train_loss:.4f} lr {lr:.2e} ({when})")
             if save is not None:

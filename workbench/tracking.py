@@ -396,6 +396,12 @@ def machine_id() -> str:
         return socket.gethostname()
 
 
+def on_this_machine(machine: str) -> bool:
+    """Whether ``machine`` (a ``machine_id``, or a bare host name recorded before the PID
+    namespace was) is this one: whether its pids can be looked up here."""
+    return machine == machine_id() or ("/" not in machine and machine == socket.gethostname())
+
+
 def stale_reason(run, now: float | None = None) -> str | None:
     """Why a RUNNING MLflow run is stale (its process ended without closing it: SIGKILL, a
     crashed machine), or None while it may still be alive: on this machine its process must
@@ -404,8 +410,7 @@ def stale_reason(run, now: float | None = None) -> str | None:
         return None
     tags = run.data.tags
     host, pid = tags.get("workbench.host"), tags.get("workbench.pid", "")
-    machine = tags.get("workbench.machine")  # runs before this tag: the host name alone
-    if (machine == machine_id() if machine else host == socket.gethostname()) and pid.isdigit():
+    if on_this_machine(tags.get("workbench.machine") or host or "") and pid.isdigit():  # older runs: the host
         return None if process_alive(int(pid)) else f"its process {pid} on {host} ended without closing it"
     last = max(float(tags.get(HEARTBEAT_TAG, 0)), (run.info.start_time or 0) / 1000)
     now = time.time() if now is None else now

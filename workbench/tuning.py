@@ -38,7 +38,7 @@ from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
 from .errors import ResourceError, StorageError, StudyFailed, TrackingError, UsageError, os_error_message
 from .runner import FeatureCache, PromptStageCache, train_joint
-from .tracking import MlflowTracker, RunStopped, machine_id, mark_stale_runs, process_alive
+from .tracking import MlflowTracker, RunStopped, machine_id, mark_stale_runs, on_this_machine, process_alive
 
 STUDIES_DIR = Path("studies")
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -651,7 +651,7 @@ class Study:
         pinned = {"device": device} if device else {}
         # Validations before the pruner's first judged epoch would only draw curve points (val_start)
         schedule = {} if self.cfg.val_start is not None or "val_start" in values else {
-            "val_start": first_judged_epoch(self.pruner_name, values.get("epochs_image", self.cfg.epochs_image))}
+            "val_start": first_judged_epoch(self.pruner_name, self.cfg.epochs_image)}  # the pruner's, as built
         try:
             cfg = config_module.replace(self.cfg, **values, **schedule, **pinned,
                                         output_dir=str(self.trial_dir(trial.number)))
@@ -782,10 +782,10 @@ class Study:
     def _watched_elsewhere(self) -> bool:
         """Whether another worker runs a trial whose death this worker would notice (its process on
         this machine, or a heartbeat in the database): one that may still need replacing."""
-        host, heartbeats = machine_id(), _heartbeat_enabled(self.study._storage)
+        heartbeats = _heartbeat_enabled(self.study._storage)
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             worker = str(trial.user_attrs.get("worker", ""))
-            if worker != self.worker_id and (heartbeats or worker.rpartition(":")[0] == host):
+            if worker != self.worker_id and (heartbeats or on_this_machine(worker.rpartition(":")[0])):
                 return True
         return False
 
@@ -794,7 +794,7 @@ class Study:
         that they are replaced (or retried, ``retry_failed``): a process of this machine that no
         longer exists, or, with a database storage, a worker anywhere whose trial has had no
         heartbeat for ``grace_period`` seconds (call under the claim lock)."""
-        host, storage = machine_id(), self.study._storage  # Optuna has no public call to fail a foreign trial
+        storage = self.study._storage  # Optuna has no public call to fail a foreign trial
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         stale, silent = set(), set()
         if _heartbeat_enabled(storage) and running:
@@ -807,7 +807,7 @@ class Study:
         for trial in running:
             worker = str(trial.user_attrs.get("worker", ""))
             worker_host, _, pid = worker.rpartition(":")
-            if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
+            if on_this_machine(worker_host) and pid.isdigit() and not process_alive(int(pid)):
                 reason, why = WORKER_ENDED, f"pid {pid}"
             elif trial._trial_id in stale | silent:
                 why = f"no heartbeat for {self.grace_period} s from {worker or 'its worker'}"
