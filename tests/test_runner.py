@@ -403,7 +403,8 @@ def test_a_reused_prompt_stage_gives_what_training_it_gives(tiny_config):
         (path,) = Path(result["run_dir"]).glob("*_prompt_FINAL.pth")
         saved[name] = read_checkpoint(path)
     assert saved["reused"]["metadata"]["config"]["lr"] == 3e-3
-    assert saved["reused"]["metadata"]["run_id"] == reused["run_id"] and saved["reused"]["metadata"]["stage"] == "prompt"
+    metadata = saved["reused"]["metadata"]
+    assert metadata["run_id"] == reused["run_id"] and metadata["stage"] == "prompt"
     for key, value in saved["fresh"]["model_state_dict"].items():
         assert torch.equal(saved["reused"]["model_state_dict"][key], value), key
 

@@ -388,7 +388,8 @@ def train_joint(cfg: Config | str | Path, tracker: Tracker | None = None,
 
 
 def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str, run_id: str,
-                 caches: tuple[FeatureCache | None, PromptStageCache | None], keep_checkpoints: bool, resume: bool, new_run: bool,
+                 caches: tuple[FeatureCache | None, PromptStageCache | None], keep_checkpoints: bool, resume: bool,
+                 new_run: bool,
                  hint_resume: bool = True) -> dict:
     """The body of ``train_joint`` inside its MLflow run: log file, config, stages, plots,
     checkpoints; a failure's traceback goes to the log file, its one line to the caller. An

@@ -242,8 +242,8 @@ class ImageStageSettings:
                    train_text_encoder=cfg.train_text_encoder, logit_scale=cfg.contrastive_logit_scale,
                    train_feature=cfg.train_feature, pre_proj=cfg.test_feature == "proj_and_pre_proj",
                    eval_neck=cfg.eval_neck_feat, select_metric=cfg.select_metric, amp=cfg.amp,
-                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every, val_start=cfg.val_start or 1,
-                   seed=cfg.seed,
+                   log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every,
+                   val_start=cfg.val_start or 1, seed=cfg.seed,
                    global_batch=cfg.ddp_global_batch)
 
     @property
