@@ -53,7 +53,8 @@ def tiny_config(synth_root, tmp_path) -> config.Config:
     return config.load("experiments/quickstart.yaml", [
         f"data_root={synth_root}", f"output_dir={tmp_path / 'runs'}", "synthesize_if_missing=false",
         "epochs_prompt=2", "epochs_image=2", "batch_size=8", "num_instances=2", "log_every=2",
-        "test_batch_size=32", "device=cpu", "image_size=[64, 32]", "val_identities=2"])
+        "test_batch_size=32", "device=cpu", "image_size=[64, 32]", "val_identities=2",
+        "tune.n_jobs=1"])  # the quickstart tunes two trials at a time; tests choose where they want that
 
 
 @pytest.fixture

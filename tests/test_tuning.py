@@ -67,11 +67,12 @@ def study_runs(uri, study_name):
     return client, parents, children
 
 
-def test_study_trials_mlflow_layout_and_resume(tune_config, tmp_path, monkeypatch):
+def test_study_trials_mlflow_layout_and_resume(tune_config, tmp_path, monkeypatch, recwarn):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     options = TuneOptions(trials=3, study_name="s1", storage=f"sqlite:///{tmp_path / 's1.db'}", tracking_uri=uri)
     study = run_study(tune_config, options, log=lambda _: None, studies_dir=tmp_path / "studies")
+    assert not [w for w in recwarn if "tight_layout" in str(w.message)]  # the study's plots warn nobody
     trials = study.trials
     assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
     space = tune_config.tune.space
@@ -281,12 +282,15 @@ def test_trials_validate_from_the_first_judged_epoch(tune_config, tmp_path, monk
 
 def test_parallel_trials_print_one_line_each_and_share_prompt_stages(tune_config, tmp_path, capsys):
     """Trials side by side keep their progress bars and log lines to their log files (they would
-    interleave on the console); trials that differ only in image-stage keys train one prompt stage."""
+    interleave on the console); trials that differ only in image-stage keys train one prompt stage.
+    The config's tune.n_jobs sets how many run at once when --n-jobs does not."""
     cfg = with_space(tune_config, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
-    options = TuneOptions(trials=3, study_name="quiet", n_jobs=2, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+    cfg = config.replace(cfg, tune={**cfg.tune.__dict__, "n_jobs": 2})
+    options = TuneOptions(trials=3, study_name="quiet", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
                           pruner="none")
     lines = []
     study = run_study(cfg, options, log=lines.append, studies_dir=tmp_path / "studies")
+    assert any("to go, 2 at a time" in line for line in lines)
     err = capsys.readouterr().err
     assert "image epoch" not in err and "image stage" not in err and "prompt stage" not in err
     assert len([line for line in lines if line.startswith("trial")]) == 3

@@ -579,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "default: the config file's name (+ a hash of --set values)")
     tune.add_argument("--storage", help="database URL (sqlite:///..., postgresql://...) or journal file; "
                                         "default studies/<study>.journal")
-    tune.add_argument("--n-jobs", type=int, default=1, help="trials run at once in this process (threads, >= 1)")
+    tune.add_argument("--n-jobs", type=int, help="trials run at once in this process (threads, >= 1); default: "
+                      "the config's tune.n_jobs")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (> 0)")
     tune.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: the config's tune.pruner")
     tune.add_argument("--sampler", choices=["tpe", "random", "cmaes"], help="default: the config's tune.sampler")

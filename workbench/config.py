@@ -132,6 +132,9 @@ class TuneConfig:
     """tpe, random or cmaes."""
     keep_checkpoints: str = "best"
     """Checkpoints stored as MLflow artifacts: best (the best trial's only), all or none."""
+    n_jobs: int = 1
+    """Trials run at once by one ``workbench tune`` process (threads; ``--n-jobs`` overrides). On a
+    CPU each gets its share of the cores; with several GPUs, one GPU each in turn."""
     heartbeat_interval: int = 30
     """With a database storage (PostgreSQL, ...): seconds between a running trial's heartbeats
     (Optuna's RDB heartbeat), by which workers on other machines learn that its worker is alive."""
@@ -150,6 +153,8 @@ class TuneConfig:
         for key, allowed in (("pruner", PRUNERS), ("sampler", SAMPLERS), ("keep_checkpoints", ("best", "all", "none"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: unknown {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        if self.n_jobs < 1:
+            raise ConfigError(f"n_jobs: must be >= 1, got {self.n_jobs}")
         if self.heartbeat_interval < 1:
             raise ConfigError(f"heartbeat_interval: must be >= 1 second, got {self.heartbeat_interval}")
         if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:

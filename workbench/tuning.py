@@ -74,7 +74,7 @@ class TuneOptions:
     trials: int
     study_name: str
     storage: str | None = None
-    n_jobs: int = 1
+    n_jobs: int | None = None  # None: the config's tune.n_jobs
     timeout: float | None = None
     pruner: str | None = None  # None: the config's tune.pruner
     sampler: str | None = None
@@ -86,7 +86,7 @@ class TuneOptions:
         # Checked before anything is created: a wrong value leaves no study and no MLflow run.
         if self.trials < 1:
             raise UsageError(f"--trials: must be >= 1, got {self.trials}")
-        if self.n_jobs < 1:
+        if self.n_jobs is not None and self.n_jobs < 1:
             raise UsageError(f"--n-jobs: must be >= 1, got {self.n_jobs}")
         if self.timeout is not None and not self.timeout > 0:
             raise UsageError(f"--timeout: must be > 0 seconds, got {self.timeout}")
@@ -526,6 +526,7 @@ class Study:
         self.pruner_name = options.pruner or self.tune.pruner
         self.sampler_name = options.sampler or self.tune.sampler
         self.keep = options.keep_checkpoints or self.tune.keep_checkpoints
+        self.n_jobs = options.n_jobs or self.tune.n_jobs
         self.tracking_uri = options.tracking_uri
         # Wrong arguments first, then a database server (nothing is created here if it cannot be
         # reached), then the tracking store, then the files here: what is refused leaves no study
@@ -680,7 +681,7 @@ class Study:
                                  parent_run_id=self.parent_run_id, extra_tags=tags,
                                  feature_cache=self.feature_cache, prompt_cache=self.prompt_cache,
                                  keep_checkpoints=self.keep == "all",
-                                 quiet=self.options.n_jobs > 1)  # side by side: one line per trial
+                                 quiet=self.n_jobs > 1)  # side by side: one line per trial
             value = result[self.metric]
             if value is None or not math.isfinite(value):
                 raise ValueError(f"the run produced no finite {self.metric}")
@@ -930,15 +931,15 @@ class Study:
             if stale:
                 self.log(f"marked {len(stale)} stale RUNNING run(s) KILLED (their process ended without closing them)")
             self.log(f"study {self.options.study_name} ({self.storage_label}): {self.tally()}, {self.remaining()} to "
-                     f"go, {self.options.n_jobs} at a time; pruner {self.pruner_name}, sampler {self.sampler_name}, "
+                     f"go, {self.n_jobs} at a time; pruner {self.pruner_name}, sampler {self.sampler_name}, "
                      f"{self.tune.direction} {self.metric}")
             deadline = time.time() + self.options.timeout if self.options.timeout else None
-            if self.options.n_jobs == 1:
+            if self.n_jobs == 1:
                 self._worker(deadline)
             else:
-                with (_threads_per_worker(self.options.n_jobs, self.log),
-                      ThreadPoolExecutor(self.options.n_jobs) as pool):
-                    devices = trial_devices(self.cfg.device, self.options.n_jobs)
+                with (_threads_per_worker(self.n_jobs, self.log),
+                      ThreadPoolExecutor(self.n_jobs) as pool):
+                    devices = trial_devices(self.cfg.device, self.n_jobs)
                     if devices[0] is not None:
                         self.log(f"trials pinned to GPUs: worker i runs on cuda:(i mod {torch.cuda.device_count()})")
                     futures = [pool.submit(self._worker, deadline, device) for device in devices]
@@ -1042,7 +1043,9 @@ def _optuna_plots(study: optuna.Study, folder: Path, name: str) -> list[Path]:
         figure = result.figure if hasattr(result, "figure") else result.flat[0].figure
         path = folder / f"{name}_{key}.png"
         figure.set_size_inches(9, 5.5)
-        figure.tight_layout()
+        with warnings.catch_warnings():  # the parallel coordinates' colour bar: "not compatible with tight_layout"
+            warnings.simplefilter("ignore")
+            figure.tight_layout()
         figure.savefig(path, dpi=90)
         plt.close(figure)
         written.append(path)
