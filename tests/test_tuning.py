@@ -357,6 +357,7 @@ def test_cli_tune_and_compare(tune_config, tmp_path, monkeypatch, capsys):
     assert main(["tune", "--trials", "2", "--tracking-uri", uri, "--sampler", "random"]) == 0  # exp.yaml here
     out = capsys.readouterr().out
     assert "best trial" in out and "workbench run exp.yaml" in out
+    assert "not identical" not in out  # one trial at a time: the re-run is exact
     assert main(["compare", "--study", "exp", "--tracking-uri", uri, "--out", str(tmp_path / "c.csv")]) == 0
     out = capsys.readouterr().out
     assert "saved 2 runs" in out
