@@ -357,7 +357,7 @@ def test_cli_tune_and_compare(tune_config, tmp_path, monkeypatch, capsys):
     assert main(["tune", "--trials", "2", "--tracking-uri", uri, "--sampler", "random"]) == 0  # exp.yaml here
     out = capsys.readouterr().out
     assert "best trial" in out and "workbench run exp.yaml" in out
-    assert "not identical" not in out  # one trial at a time: the re-run is exact
+    assert "OMP_NUM_THREADS" not in out  # one trial at a time: it had the threads a run has
     assert main(["compare", "--study", "exp", "--tracking-uri", uri, "--out", str(tmp_path / "c.csv")]) == 0
     out = capsys.readouterr().out
     assert "saved 2 runs" in out
@@ -648,3 +648,34 @@ def test_unusable_tracking_store_leaves_no_study(tune_config, tmp_path, monkeypa
                                    "--tracking-uri", "bogus://x"])
     assert status == 2 and "bogus://x" in err
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_trial_beside_another_re_runs_to_the_same_numbers(tune_config, tmp_path):
+    """The re-run command of a trial that ran beside another (its overrides, its val_start and the
+    CPU threads it had) reproduces the trial's value to the bit when run alone. That runs in
+    threads do not disturb each other's random numbers is held by test_runner's
+    test_runs_side_by_side_in_threads_give_what_each_gives_alone."""
+    import shlex
+
+    import torch
+
+    from workbench.runner import train_joint
+
+    cfg = config.replace(tune_config, epochs_image=4, save_checkpoints=False)
+    path = tmp_path / "exp.yaml"
+    path.write_text(cfg.to_yaml())
+    options = TuneOptions(trials=2, study_name="exact", n_jobs=2, pruner="none",
+                          tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    study = run_study(cfg, options, str(path), log=lambda _: None, studies_dir=tmp_path / "studies")
+    before = torch.get_num_threads()
+    try:
+        for trial in study.trials:
+            args = shlex.split(trial.user_attrs["rerun"])
+            threads = int(args[1].split("=")[1]) if args[0] == "env" else before
+            assert args[0] != "env" or threads == max(1, before // 2)
+            torch.set_num_threads(threads)
+            overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+            rerun = train_joint(config.load(args[args.index("run") + 1], overrides), quiet=True)
+            assert rerun["best_mAP"] == trial.value, trial.number
+    finally:
+        torch.set_num_threads(before)

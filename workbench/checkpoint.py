@@ -31,19 +31,42 @@ class CheckpointMismatch(CheckpointError):
 FORMAT = 1  # the layout of the dict below; raised when it changes incompatibly
 
 
-def rng_state() -> dict:
-    """RNG states of Python, numpy, torch CPU and every CUDA device, as plain data."""
+GLOBAL_RNG = threading.RLock()
+"""Held by a run while it draws from the process-wide generators: seeding, building the model, the
+prompt stage. Its image stage then draws from a generator of its own (``own_generator``), so
+that runs in threads of one process (parallel tuning trials) neither shift nor reseed each
+other's random numbers: each gives what it gives alone."""
+
+
+def own_generator() -> torch.Generator:
+    """A CPU generator that goes on with the global torch stream from where it stands now: what a
+    run draws from it equals what it would draw from the global generator."""
+    generator = torch.Generator()
+    generator.set_state(torch.get_rng_state())
+    return generator
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """RNG states of Python, numpy, torch CPU (``generator``'s when given: the run's own) and
+    every CUDA device, as plain data."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
         "python": [py_state[0], list(py_state[1]), py_state[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
-        "torch": torch.get_rng_state(),
+        "torch": (generator.get_state() if generator is not None else torch.get_rng_state()),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def restore_generator(generator: torch.Generator | None, state: dict) -> None:
+    """After ``load_checkpoint(..., restore_rng=False)``: the stage's own ``generator`` goes on
+    from the checkpoint's torch stream (nothing when None: load_checkpoint restored the global one)."""
+    if generator is not None:
+        generator.set_state(state["rng_state"]["torch"])
 
 
 def set_rng_state(state: dict) -> None:
@@ -136,9 +159,10 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, sched
                     extra_modules: dict[str, nn.Module] | None = None, extra_optimizers: dict | None = None,
                     metadata: dict | None = None, epoch: int = 0, train_loss: float | None = None,
                     val_metrics: dict | None = None, tag: str = "", log: Callable[[str], None] | None = None,
-                    prompt_file: bool = True) -> list[Path]:
+                    prompt_file: bool = True, generator: torch.Generator | None = None) -> list[Path]:
     """Write the training state to ``path`` (and, when ``prompt_learner`` is given and
-    ``prompt_file`` is on, its state dict to ``<stem>_prompt.pth`` beside it). Returns the
+    ``prompt_file`` is on, its state dict to ``<stem>_prompt.pth`` beside it); the random state
+    holds ``generator``'s torch stream when the stage draws from one of its own. Returns the
     written paths."""
     path = Path(path)
     state = {
@@ -152,7 +176,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, sched
         "extra_state_dicts": {k: m.state_dict() for k, m in (extra_modules or {}).items()},
         "extra_optimizer_state_dicts": {k: o.state_dict() for k, o in (extra_optimizers or {}).items()},
         "metadata": metadata or {},
-        "rng_state": rng_state(),
+        "rng_state": rng_state(generator),
         "epoch": int(epoch),
         "train_loss": None if train_loss is None else float(train_loss),
         "val_metrics": {k: float(v) for k, v in (val_metrics or {}).items()},

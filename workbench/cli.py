@@ -217,10 +217,6 @@ def cmd_tune(args) -> int:
     print(f"best trial {best.number}: {cfg.tune.metric} {best.value:.2f}  "
           + " ".join(f"{k}={v}" for k, v in best.params.items()))
     print(f"re-run it alone: {best.user_attrs.get('rerun', '')}")
-    n_jobs = options.n_jobs or cfg.tune.n_jobs
-    if n_jobs > 1:
-        print(f"note: trials ran {n_jobs} at a time and shared the random number generator, so a re-run gives "
-              f"close, not identical, numbers (--n-jobs 1 trials re-run exactly)")
     print(f"MLflow: {options.tracking_uri} (experiment {cfg.experiment}); study: {options.study_name}")
     return 0
 

@@ -299,36 +299,43 @@ class ReIDTransform:
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
         self._log_ratio = torch.log(torch.tensor(self.ERASE_RATIO))
+        self.generator: torch.Generator | None = None  # the stage's own (Loaders.augment_with); None: global
+
+    def _draws(self) -> torch.Generator | None:
+        # A worker process draws from its own global generator, which its loader seeds per worker:
+        # every worker's copy of the stage's generator would repeat the same numbers.
+        return self.generator if torch.utils.data.get_worker_info() is None else None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        g = self._draws() if self.train else None
         if self.train:
-            if self.flip_prob > 0 and torch.rand(1) < self.flip_prob:
+            if self.flip_prob > 0 and torch.rand(1, generator=g) < self.flip_prob:
                 image = image.flip(-1)
             if self.pad > 0:
-                image = self._pad_and_crop(image)
+                image = self._pad_and_crop(image, g)
         x = image.float().div(255).sub_(self.mean).div_(self.std)  # ToTensor, Normalize: the same numbers
-        if self.train and self.random_erasing > 0 and torch.rand(1) < self.random_erasing:
-            self._erase(x)
+        if self.train and self.random_erasing > 0 and torch.rand(1, generator=g) < self.random_erasing:
+            self._erase(x, g)
         return x
 
-    def _pad_and_crop(self, image: torch.Tensor) -> torch.Tensor:
+    def _pad_and_crop(self, image: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         height, width = self.size
         padded = torch.nn.functional.pad(image, (self.pad,) * 4)
-        top = int(torch.randint(0, padded.shape[1] - height + 1, size=(1,)))
-        left = int(torch.randint(0, padded.shape[2] - width + 1, size=(1,)))
+        top = int(torch.randint(0, padded.shape[1] - height + 1, size=(1,), generator=g))
+        left = int(torch.randint(0, padded.shape[2] - width + 1, size=(1,), generator=g))
         return padded[:, top:top + height, left:left + width]
 
-    def _erase(self, x: torch.Tensor) -> None:
+    def _erase(self, x: torch.Tensor, g: torch.Generator | None) -> None:
         """A rectangle of 2-33% of the area set to 0 (the mean after normalising); ten tries at a
         shape that fits, else nothing (torchvision's rule)."""
         img_h, img_w = x.shape[-2:]
         for _ in range(10):
-            area = img_h * img_w * torch.empty(1).uniform_(*self.ERASE_SCALE).item()
-            aspect = torch.exp(torch.empty(1).uniform_(self._log_ratio[0], self._log_ratio[1])).item()
+            area = img_h * img_w * torch.empty(1).uniform_(*self.ERASE_SCALE, generator=g).item()
+            aspect = torch.exp(torch.empty(1).uniform_(self._log_ratio[0], self._log_ratio[1], generator=g)).item()
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if h < img_h and w < img_w:
-                i = int(torch.randint(0, img_h - h + 1, size=(1,)))
-                j = int(torch.randint(0, img_w - w + 1, size=(1,)))
+                i = int(torch.randint(0, img_h - h + 1, size=(1,), generator=g))
+                j = int(torch.randint(0, img_w - w + 1, size=(1,), generator=g))
                 x[..., i:i + h, j:j + w] = 0
                 return
 
@@ -497,6 +504,10 @@ class Loaders:
     sampler: IdentitySampler
     val_query: DataLoader | None = None  # None without validation; test transforms like query/gallery
     val_gallery: DataLoader | None = None
+
+    def augment_with(self, generator: torch.Generator | None) -> None:
+        """Training augmentation in this process draws from ``generator`` (None: the global one)."""
+        self.train.dataset.transform.generator = generator
 
 
 def test_loader(records: Sequence[Record], *, image_size: Sequence[int], batch_size: int, num_workers: int = 0,

@@ -75,9 +75,9 @@ class CenterLoss(nn.Module):
     ``rescale_grad(weight)``: the total loss multiplies this term by ``weight``, and the
     centers' learning rate is meant for the unweighted loss (BoT, CLIP-ReID)."""
 
-    def __init__(self, num_classes: int, feat_dim: int):
+    def __init__(self, num_classes: int, feat_dim: int, generator: torch.Generator | None = None):
         super().__init__()
-        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim, generator=generator))
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         diff = feats.float() - self.centers[labels]

@@ -29,8 +29,8 @@ from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, 
                    test_loader)
 from .evaluation import evaluate_splits, mean_and_std
 from .pictures import pick_queries, plot_cmc, plot_ranked_lists, save_curves
-from .checkpoint import (atomic_torch_save, atomic_write_text, check_readable, load_checkpoint, read_checkpoint,
-                         remove_stale_temporaries, rng_state, set_rng_state)
+from .checkpoint import (GLOBAL_RNG, atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
+                         own_generator, read_checkpoint, remove_stale_temporaries, rng_state, set_rng_state)
 from .heads import register_bnneck_and_arcface
 from .model import (PromptLearner, check_prompt_fits, compile_encoders, freeze_entire_clip_model, load_clip_with_patch,
                     resolve_model_name)
@@ -629,78 +629,83 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
     which is replaced rather than resumed) no LAST checkpoint is written after each epoch."""
     started = time.perf_counter()
     feature_cache, prompt_cache = caches
-    seed_everything(cfg.seed)
-    device = select_device(cfg.device)
-    ensure_dataset(cfg, log)
-    data = load_data(cfg)
-    log(f"data: {len(data.train)} train images of {data.num_classes} identities, {len(data.query)} query, "
-        f"{len(data.gallery)} gallery, cameras {'known' if data.has_cameras else 'unknown'}")
-    selection = "val" if data.has_validation else "test"
-    if cfg.trains_image:
-        tracker.set_tags({"selection": selection, "select_metric": cfg.select_metric})
-        shared = {r.pid for r in data.val_query + data.val_gallery} & set(data.classnames)
-        if shared:
-            log(f"warning: {len(shared)} validation identities are also training identities (e.g. "
-                f"{sorted(shared)[0]}): validation then measures fit to seen people, not re-identification")
-        if data.val_source == "holdout" and (Path(cfg.data_root) / "val").is_dir():
-            log(f"note: {Path(cfg.data_root) / 'val'} is not used: val_identities draws the hold-out from train/ "
-                f"(set val_identities: 0 to validate on the folder)")
-        if data.has_validation:
-            log(f"validation ({data.val_source}): {len(data.val_query)} query and {len(data.val_gallery)} gallery "
-                f"images of {len({r.pid for r in data.val_gallery})} identities held out from training; BEST is "
-                f"selected on their {cfg.select_metric}, the test split is evaluated once at the end")
-        else:
-            log("warning: no validation split (set val_identities): BEST is selected on the test split, so its "
-                "numbers are optimistic; tag selection=test")
-    if cfg.stage_mode == "image_only" and cfg.freeze_prompt and {"i2t", "t2i"} & set(cfg.losses):
-        log("note: image_only with freeze_prompt has no trained prompt, so the i2t/t2i losses are off "
-            "(set freeze_prompt: false to learn the prompt in the image stage)")
-    unmatched = data.unmatched_query_pids
-    if unmatched:
-        log(f"warning: {len(unmatched)} query identities have no gallery image and are skipped: "
-            f"{', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}")
-    log_datasets(tracker, cfg, data)
-    tracker.log_metrics({"num_classes": data.num_classes, "num_train": len(data.train),
-                         "num_query": len(data.query), "num_gallery": len(data.gallery),
-                         "num_unmatched_query_ids": len(unmatched), "num_val_query": len(data.val_query),
-                         "num_val_gallery": len(data.val_gallery)}, step=0)
-    loaders, clip_model, prompt_learner, feat_dim = build_model_and_loaders(cfg, data, device, log)
-    if cfg.compile:
-        compile_encoders(clip_model, log)
-    prompt_text = clip_model.promptsg.composed_text if cfg.stage_mode == "promptsg" else prompt_learner.prompt_text
-    log(f"model: {cfg.model_type} (pretrained={cfg.pretrained}) at {cfg.image_size[0]}x{cfg.image_size[1]}, "
-        f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_text}', device {device}")
-    metadata = {"architecture": cfg.model_type, "feat_dim": feat_dim, "num_classes": data.num_classes,
-                "classnames": data.classnames, "config": cfg.to_dict(), "config_hash": cfg.hash(),
-                "stage_mode": cfg.stage_mode, "run_id": run_id}
-
-    result: dict = {"best_rank1": None, "best_mAP": None, "best_epoch": None,
-                    "prompt_stage_seconds": None, "image_stage_seconds": None}
-    step = 0
-    prompt_path = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")
-    last_path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
-    resume_image = resume and cfg.trains_image and last_path.is_file()
-    if cfg.trains_prompt and resume and (prompt_path.is_file() or resume_image):
-        if not resume_image:  # killed in the first image epoch: start it from the prompt stage's end exactly,
-            # random state included (the LAST checkpoint restores its own otherwise)
-            state = load_checkpoint(prompt_path, model=prompt_learner, device=device, restore_rng=True, log=log)
-            step = state["metadata"]["progress"]["global_step"]
-        log("resuming: the prompt stage finished before; not retraining it")
-        written.append(prompt_path)
-    elif cfg.trains_prompt:
-        path = prompt_path if cfg.save_checkpoints else None
-        with prompt_cache.slot(cfg) if prompt_cache is not None else contextlib.nullcontext() as shared:
-            if shared is not None:
-                prompt = _reuse_prompt_stage(shared, clip_model, prompt_learner, tracker, log, path, metadata)
+    with GLOBAL_RNG:
+        # Seeding, the model's initial weights and the prompt stage draw from the process-wide
+        # generators: one run at a time does. The image stage draws from the run's own generator,
+        # which goes on with the same stream.
+        seed_everything(cfg.seed)
+        device = select_device(cfg.device)
+        ensure_dataset(cfg, log)
+        data = load_data(cfg)
+        log(f"data: {len(data.train)} train images of {data.num_classes} identities, {len(data.query)} query, "
+            f"{len(data.gallery)} gallery, cameras {'known' if data.has_cameras else 'unknown'}")
+        selection = "val" if data.has_validation else "test"
+        if cfg.trains_image:
+            tracker.set_tags({"selection": selection, "select_metric": cfg.select_metric})
+            shared = {r.pid for r in data.val_query + data.val_gallery} & set(data.classnames)
+            if shared:
+                log(f"warning: {len(shared)} validation identities are also training identities (e.g. "
+                    f"{sorted(shared)[0]}): validation then measures fit to seen people, not re-identification")
+            if data.val_source == "holdout" and (Path(cfg.data_root) / "val").is_dir():
+                log(f"note: {Path(cfg.data_root) / 'val'} is not used: val_identities draws the hold-out from train/ "
+                    f"(set val_identities: 0 to validate on the folder)")
+            if data.has_validation:
+                log(f"validation ({data.val_source}): {len(data.val_query)} query and {len(data.val_gallery)} gallery "
+                    f"images of {len({r.pid for r in data.val_gallery})} identities held out from training; BEST is "
+                    f"selected on their {cfg.select_metric}, the test split is evaluated once at the end")
             else:
-                prompt = _train_prompt_stage(cfg, clip_model, prompt_learner, loaders, device, tracker, log,
-                                             feature_cache, path, metadata, prompt_cache, run_id or run_dir.name)
-        if path is not None:
-            written.append(path)
-        step = prompt["steps"]
-        result.update(prompt_stage_seconds=prompt["seconds"], prompt_rank1=prompt["prompt_rank1"],
-                      prompt_mAP=prompt["prompt_mAP"])
-        tracker.log_metrics({"prompt_stage_seconds": prompt["seconds"]}, step=0)
+                log("warning: no validation split (set val_identities): BEST is selected on the test split, so its "
+                    "numbers are optimistic; tag selection=test")
+        if cfg.stage_mode == "image_only" and cfg.freeze_prompt and {"i2t", "t2i"} & set(cfg.losses):
+            log("note: image_only with freeze_prompt has no trained prompt, so the i2t/t2i losses are off "
+                "(set freeze_prompt: false to learn the prompt in the image stage)")
+        unmatched = data.unmatched_query_pids
+        if unmatched:
+            log(f"warning: {len(unmatched)} query identities have no gallery image and are skipped: "
+                f"{', '.join(unmatched[:10])}{' ...' if len(unmatched) > 10 else ''}")
+        log_datasets(tracker, cfg, data)
+        tracker.log_metrics({"num_classes": data.num_classes, "num_train": len(data.train),
+                             "num_query": len(data.query), "num_gallery": len(data.gallery),
+                             "num_unmatched_query_ids": len(unmatched), "num_val_query": len(data.val_query),
+                             "num_val_gallery": len(data.val_gallery)}, step=0)
+        loaders, clip_model, prompt_learner, feat_dim = build_model_and_loaders(cfg, data, device, log)
+        if cfg.compile:
+            compile_encoders(clip_model, log)
+        prompt_text = clip_model.promptsg.composed_text if cfg.stage_mode == "promptsg" else prompt_learner.prompt_text
+        log(f"model: {cfg.model_type} (pretrained={cfg.pretrained}) at {cfg.image_size[0]}x{cfg.image_size[1]}, "
+            f"feat_dim {feat_dim}, {data.num_classes} classes, prompt '{prompt_text}', device {device}")
+        metadata = {"architecture": cfg.model_type, "feat_dim": feat_dim, "num_classes": data.num_classes,
+                    "classnames": data.classnames, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+                    "stage_mode": cfg.stage_mode, "run_id": run_id}
+
+        result: dict = {"best_rank1": None, "best_mAP": None, "best_epoch": None,
+                        "prompt_stage_seconds": None, "image_stage_seconds": None}
+        step = 0
+        prompt_path = run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")
+        last_path = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST")
+        resume_image = resume and cfg.trains_image and last_path.is_file()
+        if cfg.trains_prompt and resume and (prompt_path.is_file() or resume_image):
+            if not resume_image:  # killed in the first image epoch: start it from the prompt stage's end exactly,
+                # random state included (the LAST checkpoint restores its own otherwise)
+                state = load_checkpoint(prompt_path, model=prompt_learner, device=device, restore_rng=True, log=log)
+                step = state["metadata"]["progress"]["global_step"]
+            log("resuming: the prompt stage finished before; not retraining it")
+            written.append(prompt_path)
+        elif cfg.trains_prompt:
+            path = prompt_path if cfg.save_checkpoints else None
+            with prompt_cache.slot(cfg) if prompt_cache is not None else contextlib.nullcontext() as shared:
+                if shared is not None:
+                    prompt = _reuse_prompt_stage(shared, clip_model, prompt_learner, tracker, log, path, metadata)
+                else:
+                    prompt = _train_prompt_stage(cfg, clip_model, prompt_learner, loaders, device, tracker, log,
+                                                 feature_cache, path, metadata, prompt_cache, run_id or run_dir.name)
+            if path is not None:
+                written.append(path)
+            step = prompt["steps"]
+            result.update(prompt_stage_seconds=prompt["seconds"], prompt_rank1=prompt["prompt_rank1"],
+                          prompt_mAP=prompt["prompt_mAP"])
+            tracker.log_metrics({"prompt_stage_seconds": prompt["seconds"]}, step=0)
+        generator = own_generator()
 
     if cfg.trains_image:
         def checkpoint_path(tag: str) -> Path | None:
@@ -715,12 +720,13 @@ def _run_stages(cfg: Config, tracker: Tracker, report, log, run_dir: Path, stem:
         resume_from = last_path if resume_image else None
         if cfg.stage_mode == "promptsg":
             image = train_promptsg_stage(clip_model, loaders, PromptSGSettings.from_config(cfg), device, tracker, log,
-                                         report, saves, metadata, start_step=step, resume_from=resume_from)
+                                         report, saves, metadata, start_step=step, resume_from=resume_from,
+                                         generator=generator)
         else:
             image = train_clipreid_image_stage(
                 clip_model, prompt_learner if cfg.stage_mode == "prompt_then_image" or not cfg.freeze_prompt else None,
                 loaders, ImageStageSettings.from_config(cfg), device, tracker, log, report, saves, metadata,
-                start_step=step, resume_from=resume_from)
+                start_step=step, resume_from=resume_from, generator=generator)
         if distributed.is_main():
             last_path.unlink(missing_ok=True)  # FINAL holds the same state; LAST only serves resuming
         result.update({k: v for k, v in image.items() if k not in ("steps", "seconds")})

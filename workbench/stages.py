@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restore_generator, save_checkpoint
 from .config import Config
 from .evaluation import EvalSplit, FeatureSpec, extract_features, validate, validate_stage1_prompts
 from .losses import (CenterLoss, build_loss, i2t_all_classes_loss, id_loss, prompt_l2, supcon_loss,
@@ -539,7 +539,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                                log: Log = print, report: Report | None = None,
                                checkpoint_path: Callable[[str], Path] | None = None,
                                metadata: dict | None = None, start_step: int = 0,
-                               resume_from: Path | None = None) -> dict:
+                               resume_from: Path | None = None, generator: torch.Generator | None = None) -> dict:
     """Fine-tune the image encoder (+ the head; the text encoder when asked) and validate each
     epoch on the selection split (``eval_splits``: the validation hold-out, else the test split).
     ``loaders`` is ``data.Loaders``; ``prompt_learner`` may be None when no loss needs text.
@@ -547,7 +547,9 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     highest ``select_metric``; ``report(epoch, metrics)`` gets every validation (pruning hooks in
     here). A ``LAST`` checkpoint is written after every epoch (unless ``checkpoint_path("LAST")``
     is None); ``resume_from`` (such a file)
-    restores the whole training state and goes on from the epoch after it. At the end the BEST
+    restores the whole training state and goes on from the epoch after it. ``generator`` (the
+    run's own, ``checkpoint.own_generator``; None: the global one) gives every random number the
+    stage draws: the centers' initial values and the augmentation. At the end the BEST
     and FINAL models are evaluated once on the test split. Returns ``best_*`` and ``final_*``
     (selection split), ``test_*`` (BEST on test), ``final_test_*`` (FINAL on test), ``best_epoch``,
     ``selection``, ``steps`` and ``seconds``."""
@@ -560,8 +562,9 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     optimizer = adam(_param_groups(clip_model, prompt_learner, params, settings), device)
     scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min,
                                 settings.warmup_factor, settings.lr_schedule, settings.lr_steps, settings.lr_gamma)
-    center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
+    center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features, generator).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
+    loaders.augment_with(generator)
     selection, test = eval_splits(loaders)
     book = Selection("image", settings.select_metric, selection, tracker, log, settings.epochs, settings.val_every,
                      settings.val_start)
@@ -570,7 +573,8 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
                                 scheduler=scheduler, prompt_learner=prompt_learner,
                                 extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
-                                log=log)
+                                restore_rng=generator is None, log=log)
+        restore_generator(generator, state)
         match_device(optimizer, device)
         first_epoch, step, start_step = book.resume(state)
         log(f"resuming the image stage after epoch {first_epoch} (global step {step})")
@@ -601,7 +605,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                         extra_modules={"center_loss": center}, extra_optimizers={"center": optimizer_center},
                         metadata={**(metadata or {}), "stage": "image", "progress": book.progress(step, start_step)},
                         epoch=epoch, train_loss=book.train_loss, val_metrics=book.val_metrics, tag=tag,
-                        log=log if tag != "LAST" else None, prompt_file=tag != "LAST")
+                        log=log if tag != "LAST" else None, prompt_file=tag != "LAST", generator=generator)
 
     run = distributed.data_parallel([clip_model, prompt_learner, center if losses.center else None], device)
 
@@ -642,7 +646,7 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
 
     for epoch in range(first_epoch, settings.epochs):
         loaders.sampler.set_epoch(epoch)
-        distributed.reseed_augmentation(settings.seed, epoch)
+        distributed.reseed_augmentation(settings.seed, epoch, generator)
         clip_model.train()
         if prompt_learner is not None:
             prompt_learner.train()

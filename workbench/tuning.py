@@ -377,7 +377,7 @@ def _threads_per_worker(n_jobs: int, log: Callable[[str], None]):
         torch.set_num_threads(share)
         log(f"{n_jobs} trials at a time: {share} CPU thread(s) each, of {before}")
     try:
-        yield
+        yield share if share != before else None
     finally:
         torch.set_num_threads(before)
 
@@ -424,9 +424,11 @@ def suggest_overrides(trial: optuna.trial.BaseTrial, space: dict) -> dict:
     return values
 
 
-def rerun_command(config_path: str | None, base_overrides: list[str], values: dict) -> str:
-    """The ``workbench run`` command that reproduces one trial alone."""
-    args = ["workbench", "run", config_path or "CONFIG"] + [a for o in base_overrides for a in ("--set", o)]
+def rerun_command(config_path: str | None, base_overrides: list[str], values: dict, threads: int | None = None) -> str:
+    """The ``workbench run`` command that reproduces one trial alone; ``threads``: the CPU threads
+    the trial had when it ran beside others (another count changes the floating-point sums)."""
+    args = (["env", f"OMP_NUM_THREADS={threads}"] if threads else []) + ["workbench", "run", config_path or "CONFIG"]
+    args += [a for o in base_overrides for a in ("--set", o)]
     for key, value in values.items():
         args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"]
     return " ".join(shlex.quote(a) for a in args)
@@ -527,6 +529,7 @@ class Study:
         self.sampler_name = options.sampler or self.tune.sampler
         self.keep = options.keep_checkpoints or self.tune.keep_checkpoints
         self.n_jobs = options.n_jobs or self.tune.n_jobs
+        self.trial_threads: int | None = None  # CPU threads of each trial when they run side by side
         self.tracking_uri = options.tracking_uri
         # Wrong arguments first, then a database server (nothing is created here if it cannot be
         # reached), then the tracking store, then the files here: what is refused leaves no study
@@ -660,7 +663,8 @@ class Study:
             trial.set_user_attr("fail_reason", str(err))
             raise
         trial.set_user_attr("seed", cfg.seed)
-        trial.set_user_attr("rerun", rerun_command(self.config_path, self.base_overrides, values | schedule))
+        trial.set_user_attr("rerun", rerun_command(self.config_path, self.base_overrides, values | schedule,
+                                                   self.trial_threads))
         report_key = TUNE_METRICS[self.metric]
 
         def report(epoch: int, metrics: dict) -> None:
@@ -937,7 +941,7 @@ class Study:
             if self.n_jobs == 1:
                 self._worker(deadline)
             else:
-                with (_threads_per_worker(self.n_jobs, self.log),
+                with (_threads_per_worker(self.n_jobs, self.log) as self.trial_threads,
                       ThreadPoolExecutor(self.n_jobs) as pool):
                     devices = trial_devices(self.cfg.device, self.n_jobs)
                     if devices[0] is not None:

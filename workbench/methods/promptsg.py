@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, restore_generator, save_checkpoint
 from ..config import Config, ConfigError
 from ..evaluation import EvalSplit, FeatureSpec, as_percent, cosine_distance, gather_shards, reid_metrics
 from ..heads import head_branches, head_parameters
@@ -351,10 +351,11 @@ def promptsg_loss(clip_model: nn.Module, images: torch.Tensor, labels: torch.Ten
 def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSettings, device: torch.device,
                          tracker: Tracker, log: Log = print, report: Report | None = None,
                          checkpoint_path: Callable[[str], Path] | None = None, metadata: dict | None = None,
-                         start_step: int = 0, resume_from: Path | None = None) -> dict:
+                         start_step: int = 0, resume_from: Path | None = None,
+                         generator: torch.Generator | None = None) -> dict:
     """Train PromptSG end to end and validate each epoch with ``validate_promptsg`` on the
-    selection split; BEST / LAST / FINAL checkpoints, resume and the final test evaluation as
-    the CLIP-ReID image stage (same arguments, same result keys)."""
+    selection split; BEST / LAST / FINAL checkpoints, resume, the run's own random ``generator``
+    and the final test evaluation as the CLIP-ReID image stage (same arguments, same result keys)."""
     started = time.perf_counter()
     psg = clip_model.promptsg
     losses = build_loss(settings.loss_list)
@@ -368,8 +369,9 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
                                                   settings.bias_lr_factor, settings.weight_decay_bias), device)
     scheduler = build_scheduler(optimizer, settings.epochs, settings.warmup_epochs, settings.eta_min,
                                 settings.warmup_factor, settings.lr_schedule, settings.lr_steps, settings.lr_gamma)
-    center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features).to(device)
+    center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features, generator).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
+    loaders.augment_with(generator)
     selection, test = eval_splits(loaders)
     classes = loaders.data.class_to_idx
     book = Selection("promptsg", settings.select_metric, selection, tracker, log, settings.epochs,
@@ -378,7 +380,9 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=clip_model, device=device, optimizer=optimizer,
                                 scheduler=scheduler, extra_modules={"center_loss": center},
-                                extra_optimizers={"center": optimizer_center}, log=log)
+                                extra_optimizers={"center": optimizer_center}, restore_rng=generator is None,
+                                log=log)
+        restore_generator(generator, state)
         match_device(optimizer, device)
         first_epoch, step, start_step = book.resume(state)
         log(f"resuming PromptSG after epoch {first_epoch} (global step {step})")
@@ -402,12 +406,12 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
                         extra_optimizers={"center": optimizer_center},
                         metadata={**(metadata or {}), "stage": "image", "progress": book.progress(step, start_step)},
                         epoch=epoch, train_loss=book.train_loss, val_metrics=book.val_metrics, tag=tag,
-                        log=log if tag != "LAST" else None)
+                        log=log if tag != "LAST" else None, generator=generator)
 
     run = distributed.data_parallel([clip_model, center if losses.center else None], device)
     for epoch in range(first_epoch, settings.epochs):
         loaders.sampler.set_epoch(epoch)
-        distributed.reseed_augmentation(settings.seed, epoch)
+        distributed.reseed_augmentation(settings.seed, epoch, generator)
         clip_model.train()
         lr, lr_module = optimizer.param_groups[0]["lr"], optimizer.param_groups[module_group]["lr"]
         bar = tqdm(loaders.train, desc=f"promptsg {epoch + 1}/{settings.epochs}", unit="batch", dynamic_ncols=True,
