@@ -203,6 +203,8 @@ def test_interrupted_run_resumes_to_the_same_numbers(interrupted_run, tiny_confi
         assert run.data.metrics[key] == pytest.approx(reference[key], abs=1e-9), key
     final = client.get_metric_history(run.info.run_id, "mAP")[-1].value
     assert final == pytest.approx(reference["final_mAP"], abs=1e-9)
+    for key in ("test_mAP", "final_test_mAP", "final_test_mINP"):  # finer than 2 held-out identities
+        assert run.data.metrics[key] == pytest.approx(reference[key], abs=1e-9), key
     assert not list(run_dir.glob("*LAST*"))  # only needed while the run was unfinished
     ended = client.get_run(run.info.run_id).info
     assert main(["resume", str(run_dir), "--tracking-uri", uri]) == 2  # finished: nothing to resume ...
