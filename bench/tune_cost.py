@@ -1,7 +1,7 @@
 """What a study costs: the same study (same sampler seed, same trials) of the quickstart run twice
 in one process, once with the speed switches off (images decoded on every read, validation
-every epoch from the first, every trial training its own prompt stage: the settings before
-issue 10) and once with the given ones, each on its own
+every epoch from the first, every trial training its own prompt stage, no stop for trials out
+of reach of the best: the settings before issue 10) and once with the given ones, each on its own
 fresh journal and SQLite store. Prints wall times, trial tallies, the best metric, and the ratio.
 
     python bench/tune_cost.py [--config experiments/quickstart.yaml] [--trials 50] [--n-jobs 1]
@@ -20,7 +20,7 @@ import optuna
 from workbench import config
 from workbench.tuning import TuneOptions, run_study
 
-BEFORE = ["cache_images=false", "val_every=1", "val_start=1"]
+BEFORE = ["cache_images=false", "val_every=1", "val_start=1", "tune.stop_out_of_reach=false"]
 
 
 def study_cost(cfg: config.Config, trials: int, n_jobs: int, folder: Path, name: str) -> dict:

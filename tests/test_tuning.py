@@ -4,6 +4,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -96,6 +97,8 @@ def test_study_trials_mlflow_layout_and_resume(tune_config, tmp_path, monkeypatc
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value)
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.metrics["n_out_of_reach"] == sum(bool(t.user_attrs.get(tuning.OUT_OF_REACH)) for t in trials)
+    assert parent.data.tags["pruner"] == "median + out of reach"
     assert parent.data.tags["best_trial"] == str(best.number)
     names = {a.path for a in client.list_artifacts(parent.info.run_id)} | \
         {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
@@ -299,26 +302,103 @@ def test_parallel_trials_print_one_line_each_and_share_prompt_stages(tune_config
     assert sum("prompt stage: the same as in MLflow run" in log for log in logs) == 2  # one trained it
 
 
-def test_pruned_trial_ends_cleanly(tune_config, tmp_path):
+@pytest.mark.parametrize("why", [None, "out of reach: best so far 1 + 2 = 3, behind the study's best 4"])
+def test_pruned_trial_ends_cleanly(tune_config, tmp_path, monkeypatch, why):
     cfg = config.replace(tune_config, epochs_image=3)
     options = TuneOptions(trials=1, study_name="prune", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
-    from workbench import tuning
 
-    class AlwaysPrune(optuna.pruners.BasePruner):
-        def prune(self, study, trial):
-            return True
+    class AlwaysPrune(tuning.ReachPruner):
+        def reason(self, study, trial):
+            return why or "median"
 
-    original = tuning.build_pruner
-    tuning.build_pruner = lambda name, epochs: AlwaysPrune()
-    try:
-        study = run_study(cfg, options, log=lambda _: None, studies_dir=tmp_path / "studies")
-    finally:
-        tuning.build_pruner = original
+    monkeypatch.setattr(tuning, "build_pruner", lambda *args: AlwaysPrune(optuna.pruners.NopPruner()))
+    lines = []
+    study = run_study(cfg, options, log=lines.append, studies_dir=tmp_path / "studies")
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED
     run = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["state"] == "PRUNED"
     assert "rank1" in run.data.metrics  # the numbers up to the pruned epoch stay
+    # Out of reach: the trial and its line say why; the median rule needs no words
+    assert trial.user_attrs.get(tuning.OUT_OF_REACH) == why
+    (line,) = [line for line in lines if line.startswith("trial")]
+    assert (why in line) if why else line.rstrip().endswith("replaced]")
+
+
+def _reach_study(direction="maximize", n_complete=5):
+    """A study of ``n_complete`` complete trials reporting steps 10-20 (value 50 + step + k, so
+    each gains 5 after step 15; the best ends at 74) and a ReachPruner judging from step 10."""
+    sign = 1 if direction == "maximize" else -1
+    pruner = tuning.ReachPruner(optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=10),
+                                n_startup_trials=5, n_warmup_steps=10)
+    study = optuna.create_study(direction=direction, pruner=pruner)
+    for k in range(n_complete):
+        trial = study.ask()
+        for step in range(10, 21):
+            trial.report(sign * (50 + step + k), step)
+        study.tell(trial, sign * (70 + k))
+    return study, pruner, sign
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_reach_pruner_stops_only_trials_that_cannot_catch_the_best(direction):
+    def judge(values: dict, n_complete=5):
+        study, pruner, sign = _reach_study(direction, n_complete)
+        trial = study.ask()
+        for step, value in values.items():
+            trial.report(sign * value, step)
+        return trial.should_prune(), pruner.pop_reason(trial.number)
+
+    sign = 1 if direction == "maximize" else -1
+    # Each complete trial gains 20 - step after a step. At step 19 (gain 1, median 71): best so far
+    # 71.9 + 2 x 1 = 73.9 is behind the best, 74: stop; 72.1 + 2 = 74.1 could still win.
+    stop, why = judge({14: 60.0, 19: 71.9})
+    assert stop and why == (f"out of reach: best so far {sign * 71.9:.2f} {'+' if sign > 0 else '-'} 2 x the largest "
+                            f"gain of a complete trial after step 19 (1.00) = {sign * 73.9:.2f}, behind the study's "
+                            f"best {sign * 74:.2f}")
+    assert judge({14: 60.0, 19: 72.1}) == (False, None)
+    assert judge({17: 69.5}) == (False, None)  # at step 17 the margin is 2 x 3: 75.5 reaches 74
+    assert judge({19: 71.9}, n_complete=4) == (False, None)  # too few complete trials to know the gains
+    assert judge({8: 10.0, 9: 10.0}) == (False, None)  # before the first judged step
+    assert judge({15: 60.0}) == (True, "median")  # the median rule first (67 at step 15)
+
+
+def test_reach_pruner_keeps_optunas_median_decisions():
+    """Every decision of Optuna's median pruner stands: where it prunes, "median"; where the reach
+    rule also keeps a trial, the same as Optuna alone."""
+    rng = np.random.default_rng(0)
+    decisions = {"median": 0, "kept": 0}
+    for _ in range(20):
+        median = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+        study = optuna.create_study(direction="maximize", pruner=median)
+        for _ in range(int(rng.integers(3, 9))):
+            trial = study.ask()
+            curve = np.cumsum(rng.uniform(0, 5, size=10))
+            for step, value in enumerate(curve, 1):
+                trial.report(float(value), step)
+            study.tell(trial, float(curve.max()))
+        trial = study.ask()
+        reach = tuning.ReachPruner(median, n_startup_trials=5, n_warmup_steps=3)
+        for step, value in enumerate(np.cumsum(rng.uniform(0, 5, size=10)), 1):
+            trial.report(float(value), step)
+            frozen = study._storage.get_trial(trial._trial_id)
+            why = reach.reason(study, frozen)
+            if median.prune(study, frozen):
+                assert why == "median"
+                decisions["median"] += 1
+            else:
+                assert why is None or why.startswith("out of reach")
+                decisions["kept"] += 1
+    assert decisions["median"] and decisions["kept"]
+
+
+def test_stop_out_of_reach_is_a_tune_key():
+    assert isinstance(tuning.build_pruner("median", 40), tuning.ReachPruner)
+    assert isinstance(tuning.build_pruner("median", 40, False), optuna.pruners.MedianPruner)
+    assert isinstance(tuning.build_pruner("hyperband", 40), optuna.pruners.HyperbandPruner)
+    assert config.load(None, ["tune.stop_out_of_reach=false"]).tune.stop_out_of_reach is False
+    with pytest.raises(config.ConfigError, match="stop_out_of_reach"):
+        config.load(None, ["tune.stop_out_of_reach=sometimes"])
 
 
 def test_space_validation_and_suggestions():

@@ -128,6 +128,10 @@ class TuneConfig:
     """Search space: config key -> {type: int|float|categorical, low, high, step, log, choices}."""
     pruner: str = "median"
     """median, hyperband or none."""
+    stop_out_of_reach: bool = True
+    """With the median pruner, also stop a trial that can no longer become the best: from the
+    pruner's first judged epoch, once 5 trials are complete, when its best value so far plus twice
+    the largest gain any complete trial made after the same epoch is still behind the study's best."""
     sampler: str = "tpe"
     """tpe, random or cmaes."""
     keep_checkpoints: str = "best"

@@ -398,14 +398,78 @@ def first_judged_epoch(name: str, epochs: int) -> int:
     return 1 if name == "none" else max(1, epochs // 4)
 
 
-def build_pruner(name: str, epochs: int):
-    """Pruners judge the per-epoch validation metric from ``first_judged_epoch`` on."""
+OUT_OF_REACH = "out_of_reach"  # user attr of a trial stopped because it could no longer become the best: why
+
+
+class ReachPruner(optuna.pruners.BasePruner):
+    """``base`` (Optuna's median pruner), plus a stop for a trial that can no longer become the
+    study's best.
+
+    Out of reach: from ``n_warmup_steps`` on, once ``n_startup_trials`` trials are complete, a
+    trial whose best value so far, improved by twice the largest gain any complete trial made from
+    the same step to its end (its objective against its best value up to that step), still falls
+    short of the study's best. The margin is the study's own: early on the complete trials gained
+    tens of points after the step and nothing is stopped; near the end of a cosine schedule they
+    gain a point or two, and a trial far behind the best stops there instead of training its last
+    epochs. Twice, because the largest of a handful of trials' gains underestimates what the next
+    trial may gain. A trial stopped so is PRUNED (the median pruner's population stays the complete
+    trials, as in Optuna); ``reason`` says why a trial would stop."""
+
+    MARGIN = 2.0  # times the largest gain after the step seen in a complete trial
+
+    def __init__(self, base: optuna.pruners.BasePruner, n_startup_trials: int = 5, n_warmup_steps: int = 0):
+        self.base, self.n_startup_trials, self.n_warmup_steps = base, n_startup_trials, n_warmup_steps
+        self._reasons: dict[int, str] = {}  # trial number -> why prune() said yes (read by the objective)
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        reason = self.reason(study, trial)
+        if reason is not None:
+            self._reasons[trial.number] = reason
+        return reason is not None
+
+    def pop_reason(self, number: int) -> str | None:
+        """Why the last ``prune`` stopped trial ``number`` (once)."""
+        return self._reasons.pop(number, None)
+
+    def reason(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
+        """Why ``trial`` should stop now ("median" or "out of reach: ..."), else None."""
+        if self.base.prune(study, trial):
+            return "median"
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps:
+            return None
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        gains = [sign * (t.value - _best_intermediate(t, sign, upto=step)) for t in complete]
+        gains = [g for g in gains if not math.isnan(g)]  # trials that reported nothing up to the step
+        if len(gains) < self.n_startup_trials:
+            return None
+        best = max((t.value for t in complete), key=lambda v: sign * v)
+        best_so_far = _best_intermediate(trial, sign)
+        reach = best_so_far + sign * self.MARGIN * max(gains)
+        if sign * reach < sign * best:
+            return (f"out of reach: best so far {best_so_far:.2f} {'+' if sign > 0 else '-'} {self.MARGIN:g} x the "
+                    f"largest gain of a complete trial after step {step} ({max(gains):.2f}) = {reach:.2f}, behind the "
+                    f"study's best {best:.2f}")
+        return None
+
+
+def _best_intermediate(trial: optuna.trial.FrozenTrial, sign: float, upto: int | None = None) -> float:
+    """The trial's best reported value (up to step ``upto``); NaN when there is none."""
+    values = [v for s, v in trial.intermediate_values.items() if (upto is None or s <= upto) and not math.isnan(v)]
+    return sign * max(sign * v for v in values) if values else math.nan
+
+
+def build_pruner(name: str, epochs: int, stop_out_of_reach: bool = True):
+    """Pruners judge the per-epoch validation metric from ``first_judged_epoch`` on. The median
+    pruner also stops trials out of reach of the best (``ReachPruner``) unless told not to."""
     if name == "none":
         return optuna.pruners.NopPruner()
     start = first_judged_epoch(name, epochs)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=start, max_resource=max(1, epochs))
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=start)
+    median = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=start)
+    return ReachPruner(median, n_startup_trials=5, n_warmup_steps=start) if stop_out_of_reach else median
 
 
 def suggest_overrides(trial: optuna.trial.BaseTrial, space: dict) -> dict:
@@ -526,6 +590,8 @@ class Study:
         self.tune = cfg.tune
         self.metric = self.tune.metric
         self.pruner_name = options.pruner or self.tune.pruner
+        reach = self.pruner_name == "median" and self.tune.stop_out_of_reach
+        self.pruner_label = self.pruner_name + (" + out of reach" if reach else "")
         self.sampler_name = options.sampler or self.tune.sampler
         self.keep = options.keep_checkpoints or self.tune.keep_checkpoints
         self.n_jobs = options.n_jobs or self.tune.n_jobs
@@ -556,7 +622,8 @@ class Study:
         try:
             self.study = optuna.create_study(
                 study_name=options.study_name, storage=self.storage, load_if_exists=True,
-                direction=self.tune.direction, pruner=build_pruner(self.pruner_name, cfg.epochs_image))
+                direction=self.tune.direction,
+                pruner=build_pruner(self.pruner_name, cfg.epochs_image, self.tune.stop_out_of_reach))
         except Exception as err:  # a wrong URL, a missing driver, an unreachable server; a broken journal
             if journal_path is not None and not isinstance(err, OSError):
                 raise UsageError(f"{label}: not an Optuna journal file "
@@ -593,7 +660,7 @@ class Study:
                                     f"in {self.tracking_uri}: {_first_line(err)}") from None
             return existing
         tags = {"study_name": self.options.study_name, "storage": self.storage_label, "sampler": self.sampler_name,
-                "pruner": self.pruner_name, "tune_metric": self.metric, "direction": self.tune.direction,
+                "pruner": self.pruner_label, "tune_metric": self.metric, "direction": self.tune.direction,
                 "workbench.role": "study"}
         run_id = tracker.client.create_run(tracker.experiment_id(self.cfg.experiment),
                                            run_name=f"study_{self.options.study_name}", tags=tags).info.run_id
@@ -675,7 +742,11 @@ class Study:
                 raise TrialTakenOver(f"trial {trial.number} was failed meanwhile by another worker, which found "
                                      f"no heartbeat from this one for {self.grace_period} s") from None
             if trial.should_prune():
-                raise TrialPruned(f"pruned after epoch {epoch} at {report_key} {metrics[report_key]:.2f}")
+                why = self.study.pruner.pop_reason(trial.number) if isinstance(self.study.pruner, ReachPruner) else None
+                if why and why.startswith("out of reach"):
+                    trial.set_user_attr(OUT_OF_REACH, why)
+                raise TrialPruned(f"pruned after epoch {epoch} at {report_key} {metrics[report_key]:.2f}"
+                                  + (f" ({why})" if why else ""))
 
         stem = build_filename(cfg, cfg.epochs_image, "image")
         tracker = _TrialTracker(self.tracking_uri, trial, self.check_interrupt)
@@ -914,7 +985,7 @@ class Study:
             best = "none yet"
         value = "-" if trial.value is None else f"{trial.value:.2f}"
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-        reason = trial.user_attrs.get("fail_reason", "")
+        reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get(OUT_OF_REACH, "")
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
             if trial.datetime_complete and trial.datetime_start else float("nan")
         if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
@@ -935,7 +1006,7 @@ class Study:
             if stale:
                 self.log(f"marked {len(stale)} stale RUNNING run(s) KILLED (their process ended without closing them)")
             self.log(f"study {self.options.study_name} ({self.storage_label}): {self.tally()}, {self.remaining()} to "
-                     f"go, {self.n_jobs} at a time; pruner {self.pruner_name}, sampler {self.sampler_name}, "
+                     f"go, {self.n_jobs} at a time; pruner {self.pruner_label}, sampler {self.sampler_name}, "
                      f"{self.tune.direction} {self.metric}")
             deadline = time.time() + self.options.timeout if self.options.timeout else None
             if self.n_jobs == 1:
@@ -999,8 +1070,9 @@ class Study:
         if complete:
             best = self.study.best_trial
             step = len(self.study.trials)
+            out_of_reach = sum(bool(t.user_attrs.get(OUT_OF_REACH)) for t in self.study.trials)
             for key, value in {"best_value": best.value, "best_trial": best.number, "n_complete": len(complete),
-                               "n_trials": len(self.study.trials)}.items():
+                               "n_out_of_reach": out_of_reach, "n_trials": len(self.study.trials)}.items():
                 client.log_metric(parent, key, float(value), step=step)
             # MLflow params cannot change once set and a resumed study may find a new best: tags
             for key, value in best.params.items():
