@@ -311,7 +311,7 @@ def test_pruned_trial_ends_cleanly(tune_config, tmp_path, monkeypatch, why):
         def reason(self, study, trial):
             return why or "median"
 
-    monkeypatch.setattr(tuning, "build_pruner", lambda *args: AlwaysPrune(optuna.pruners.NopPruner()))
+    monkeypatch.setattr(tuning, "build_pruner", lambda *args: AlwaysPrune())
     lines = []
     study = run_study(cfg, options, log=lines.append, studies_dir=tmp_path / "studies")
     (trial,) = study.trials
@@ -327,10 +327,9 @@ def test_pruned_trial_ends_cleanly(tune_config, tmp_path, monkeypatch, why):
 
 def _reach_study(direction="maximize", n_complete=5):
     """A study of ``n_complete`` complete trials reporting steps 10-20 (value 50 + step + k, so
-    each gains 5 after step 15; the best ends at 74) and a ReachPruner judging from step 10."""
+    each gains 20 - step after a step; the best ends at 74) and a ReachPruner judging from step 10."""
     sign = 1 if direction == "maximize" else -1
-    pruner = tuning.ReachPruner(optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=10),
-                                n_startup_trials=5, n_warmup_steps=10)
+    pruner = tuning.ReachPruner(n_startup_trials=5, n_warmup_steps=10)
     study = optuna.create_study(direction=direction, pruner=pruner)
     for k in range(n_complete):
         trial = study.ask()
@@ -378,7 +377,7 @@ def test_reach_pruner_keeps_optunas_median_decisions():
                 trial.report(float(value), step)
             study.tell(trial, float(curve.max()))
         trial = study.ask()
-        reach = tuning.ReachPruner(median, n_startup_trials=5, n_warmup_steps=3)
+        reach = tuning.ReachPruner(n_startup_trials=5, n_warmup_steps=3)
         for step, value in enumerate(np.cumsum(rng.uniform(0, 5, size=10)), 1):
             trial.report(float(value), step)
             frozen = study._storage.get_trial(trial._trial_id)
@@ -390,6 +389,30 @@ def test_reach_pruner_keeps_optunas_median_decisions():
                 assert why is None or why.startswith("out of reach")
                 decisions["kept"] += 1
     assert decisions["median"] and decisions["kept"]
+
+
+def test_trials_stopped_out_of_reach_count_in_the_median():
+    """Stopped for being behind the best, not behind the median: such a trial counts in the median
+    with its values up to its stop, as it would have as a complete trial; other pruned ones do not."""
+    def judge(pruned_out_of_reach: bool):
+        pruner = tuning.ReachPruner(n_startup_trials=5, n_warmup_steps=10)
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for value in (10, 20, 30, 40, 50):  # median 30 at step 12; each ends at 100 (far from reach)
+            trial = study.ask()
+            trial.report(value, 12)
+            study.tell(trial, 100.0)
+        for _ in range(2):
+            trial = study.ask()
+            trial.report(100.0, 12)
+            if pruned_out_of_reach:
+                trial.set_user_attr(tuning.OUT_OF_REACH, "out of reach: ...")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        trial = study.ask()
+        trial.report(35.0, 12)
+        return pruner.reason(study, study._storage.get_trial(trial._trial_id))
+
+    assert judge(pruned_out_of_reach=False) is None  # 35 > the median of the complete trials, 30
+    assert judge(pruned_out_of_reach=True) == "median"  # 35 < 40, the median with the two stopped ones
 
 
 def test_stop_out_of_reach_is_a_tune_key():
@@ -759,3 +782,40 @@ def test_a_trial_beside_another_re_runs_to_the_same_numbers(tune_config, tmp_pat
             assert rerun["best_mAP"] == trial.value, trial.number
     finally:
         torch.set_num_threads(before)
+
+
+def test_prune_replay_bench_replays_a_sequential_study_exactly(tmp_path, capsys, monkeypatch):
+    """bench/prune_replay.py: a study run one trial at a time with Optuna's median pruner replays
+    to the same outcomes under the median line (nothing saved, the same complete trials), then one
+    line per out-of-reach margin."""
+    import importlib.util
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    spec = importlib.util.spec_from_file_location("prune_replay", Path(__file__).parents[1] / "bench" / "prune_replay.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks itself up there
+    spec.loader.exec_module(bench)
+    journal = str(tmp_path / "s.journal")
+    study = optuna.create_study(study_name="s", storage=JournalStorage(JournalFileBackend(journal)),
+                                direction="maximize", pruner=tuning.build_pruner("median", 40, False))
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        trial = study.ask()
+        top, rate, values = rng.uniform(60, 95), rng.uniform(0.05, 0.3), []
+        for epoch in range(10, 41):  # rising curves with noise, validated from epoch 10 as in a trial
+            values.append(float(top * (1 - np.exp(-rate * epoch)) + rng.normal(0, 0.5)))
+            trial.report(values[-1], epoch)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, max(values))  # best_mAP: the best validated value
+    assert bench.main(["--journal", journal, "--study", "s", "--margin", "1", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert out[0] == f"12 trials, {complete} complete in the study"
+    assert out[1].startswith("median: ") and "(+0 saved)" in out[1] and f"{complete} complete" in out[1]
+    assert [line.split(":")[0] for line in out if not line.startswith("    ")][2:] == [
+        "median + out of reach, margin 1x", "median + out of reach, margin 2x"]
