@@ -4,8 +4,8 @@ validation curve to a fresh in-memory study until the pruner stops it. Prints, f
 pruner alone and with the out-of-reach stop at each margin, the image epochs the trials would
 train, how many complete, the best value, and every trial that ends earlier than in the study.
 
-    python bench/prune_replay.py --journal studies/quickstart.journal --study quickstart
-    python bench/prune_replay.py --mlflow sqlite:///mlflow.db --study quickstart [--margin 1 2 3]
+    python bench/prune_replay.py --journal studies/quickstart.journal --study quickstart [--margin 1 2 3]
+    python bench/prune_replay.py --mlflow sqlite:///mlflow.db --study quickstart
 
 A replay cannot go on past the end of a recorded curve: a trial that the study pruned and the
 replay would keep ends where the study pruned it. Trials that ran side by side (``n_jobs`` above 1)
@@ -30,13 +30,16 @@ class Recorded:
     curve: dict[int, float]  # epoch -> the reported validation value
 
 
-def from_journal(path: str, study: str) -> list[Recorded]:
+def from_journal(path: str, study: str) -> tuple[list[Recorded], str]:
+    """The study's COMPLETE and PRUNED trials that reported values, and its direction."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     loaded = optuna.load_study(study_name=study, storage=JournalStorage(JournalFileBackend(path)))
-    return [Recorded(t.number, t.state == optuna.trial.TrialState.COMPLETE, t.value, dict(t.intermediate_values))
-            for t in loaded.trials if t.state.is_finished() and t.intermediate_values]
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    trials = [Recorded(t.number, t.state == optuna.trial.TrialState.COMPLETE, t.value, dict(t.intermediate_values))
+              for t in loaded.trials if t.state in states and t.intermediate_values]
+    return trials, loaded.direction.name.lower()
 
 
 def from_mlflow(uri: str, study: str, key: str) -> list[Recorded]:
@@ -76,8 +79,9 @@ def replay(trials: list[Recorded], pruner: optuna.pruners.BasePruner, epochs: in
             continue
         end = stopped if stopped is not None else max(recorded.curve)
         recorded_end = epochs if recorded.complete else max(recorded.curve)
-        if end < recorded_end:
-            best_so_far = max(v for e, v in recorded.curve.items() if e <= end)
+        if end < recorded_end or recorded.complete:
+            sign = 1 if direction == "maximize" else -1
+            best_so_far = sign * max(sign * v for e, v in recorded.curve.items() if e <= end)
             ended_earlier.append(f"{recorded.number}: epoch {end} of {recorded_end} at {best_so_far:.2f} "
                                  f"(ended at {recorded.value if recorded.complete else best_so_far:.2f})"
                                  if recorded.complete else f"{recorded.number}: epoch {end} of {recorded_end}")
@@ -94,23 +98,30 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--journal", help="the study's Optuna journal file (studies/<study>.journal)")
     source.add_argument("--mlflow", help="the tracking store that holds the study's trial runs")
     parser.add_argument("--study", required=True)
-    parser.add_argument("--epochs", type=int, default=40, help="epochs_image of the study's trials")
-    parser.add_argument("--metric", default="mAP", help="the validation metric the trials reported")
-    parser.add_argument("--direction", default="maximize")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs_image of the study's trials (default: the last epoch of its complete trials)")
+    parser.add_argument("--metric", default="mAP", help="with --mlflow: the validation metric the trials reported")
+    parser.add_argument("--direction", default="maximize", help="with --mlflow: the study's direction")
     parser.add_argument("--margin", type=float, nargs="+", default=[ReachPruner.MARGIN])
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    trials = from_journal(args.journal, args.study) if args.journal else from_mlflow(args.mlflow, args.study,
-                                                                                   args.metric)
-    print(f"{len(trials)} trials, {sum(t.complete for t in trials)} complete in the study")
-    rules = [("median", build_pruner("median", args.epochs, stop_out_of_reach=False))]
+    if args.journal:
+        trials, direction = from_journal(args.journal, args.study)
+    else:
+        trials, direction = from_mlflow(args.mlflow, args.study, args.metric), args.direction
+    epochs = args.epochs or max((max(t.curve) for t in trials if t.complete), default=0)
+    if not epochs:
+        parser.error("no complete trial to read epochs_image from: give --epochs")
+    print(f"{len(trials)} trials, {sum(t.complete for t in trials)} complete in the study ({direction}, "
+          f"{epochs} epochs)")
+    rules = [("median", build_pruner("median", epochs, stop_out_of_reach=False))]
     for margin in args.margin:
-        pruner = build_pruner("median", args.epochs)
+        pruner = build_pruner("median", epochs)
         pruner.MARGIN = margin
         rules.append((f"median + out of reach, margin {margin:g}x", pruner))
     baseline = None
     for name, pruner in rules:
-        r = replay(trials, pruner, args.epochs, args.direction)
+        r = replay(trials, pruner, epochs, direction)
         baseline = r["epochs"] if baseline is None else baseline
         print(f"{name}: {r['epochs']} image epochs ({baseline - r['epochs']:+d} saved), {r['complete']} complete, "
               f"best {r['best']:.2f}")

@@ -311,7 +311,7 @@ def test_pruned_trial_ends_cleanly(tune_config, tmp_path, monkeypatch, why):
         def reason(self, study, trial):
             return why or "median"
 
-    monkeypatch.setattr(tuning, "build_pruner", lambda *args: AlwaysPrune())
+    monkeypatch.setattr(tuning, "build_pruner", lambda *args: AlwaysPrune(optuna.pruners.NopPruner()))
     lines = []
     study = run_study(cfg, options, log=lines.append, studies_dir=tmp_path / "studies")
     (trial,) = study.trials
@@ -329,7 +329,8 @@ def _reach_study(direction="maximize", n_complete=5):
     """A study of ``n_complete`` complete trials reporting steps 10-20 (value 50 + step + k, so
     each gains 20 - step after a step; the best ends at 74) and a ReachPruner judging from step 10."""
     sign = 1 if direction == "maximize" else -1
-    pruner = tuning.ReachPruner(n_startup_trials=5, n_warmup_steps=10)
+    pruner = tuning.ReachPruner(optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=10),
+                                n_startup_trials=5, n_warmup_steps=10)
     study = optuna.create_study(direction=direction, pruner=pruner)
     for k in range(n_complete):
         trial = study.ask()
@@ -359,6 +360,9 @@ def test_reach_pruner_stops_only_trials_that_cannot_catch_the_best(direction):
     assert judge({17: 69.5}) == (False, None)  # at step 17 the margin is 2 x 3: 75.5 reaches 74
     assert judge({19: 71.9}, n_complete=4) == (False, None)  # too few complete trials to know the gains
     assert judge({8: 10.0, 9: 10.0}) == (False, None)  # before the first judged step
+    # The last step: no complete trial reported after it, nothing is left to save; a trial behind
+    # the best completes (above the median, 72) instead of turning PRUNED at its end.
+    assert judge({19: 72.5, 20: 73.9}) == (False, None)
     assert judge({15: 60.0}) == (True, "median")  # the median rule first (67 at step 15)
 
 
@@ -377,7 +381,7 @@ def test_reach_pruner_keeps_optunas_median_decisions():
                 trial.report(float(value), step)
             study.tell(trial, float(curve.max()))
         trial = study.ask()
-        reach = tuning.ReachPruner(n_startup_trials=5, n_warmup_steps=3)
+        reach = tuning.ReachPruner(median, n_startup_trials=5, n_warmup_steps=3)
         for step, value in enumerate(np.cumsum(rng.uniform(0, 5, size=10)), 1):
             trial.report(float(value), step)
             frozen = study._storage.get_trial(trial._trial_id)
@@ -391,15 +395,33 @@ def test_reach_pruner_keeps_optunas_median_decisions():
     assert decisions["median"] and decisions["kept"]
 
 
-def test_trials_stopped_out_of_reach_count_in_the_median():
-    """Stopped for being behind the best, not behind the median: such a trial counts in the median
-    with its values up to its stop, as it would have as a complete trial; other pruned ones do not."""
+def test_reach_pruner_bounds_every_objective_by_the_best_reported_value():
+    """An objective below a trial's best reported value (final_mAP; best_mAP selected on rank-1)
+    never makes the rule stricter: the gain after a step is the best value's, never negative."""
+    pruner = tuning.ReachPruner(optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=10),
+                                n_startup_trials=5, n_warmup_steps=10)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for _ in range(5):  # peak at step 10, objective the last value (87.1)
+        trial = study.ask()
+        for step, value in {10: 87.6, 11: 87.0, 12: 87.1}.items():
+            trial.report(value, step)
+        study.tell(trial, 87.1)
+    trial = study.ask()
+    trial.report(80.0, 10)
+    trial.report(87.5, 11)  # above the study's best already: it can become the best
+    assert not trial.should_prune() and pruner.pop_reason(trial.number) is None
+
+
+def test_trials_stopped_out_of_reach_stay_out_of_the_median():
+    """The median's population stays Optuna's: complete trials only, whatever stopped the others."""
     def judge(pruned_out_of_reach: bool):
-        pruner = tuning.ReachPruner(n_startup_trials=5, n_warmup_steps=10)
+        median = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=10)
+        pruner = tuning.ReachPruner(median, n_startup_trials=5, n_warmup_steps=10)
         study = optuna.create_study(direction="maximize", pruner=pruner)
         for value in (10, 20, 30, 40, 50):  # median 30 at step 12; each ends at 100 (far from reach)
             trial = study.ask()
             trial.report(value, 12)
+            trial.report(100.0, 30)
             study.tell(trial, 100.0)
         for _ in range(2):
             trial = study.ask()
@@ -409,10 +431,11 @@ def test_trials_stopped_out_of_reach_count_in_the_median():
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         trial = study.ask()
         trial.report(35.0, 12)
-        return pruner.reason(study, study._storage.get_trial(trial._trial_id))
+        frozen = study._storage.get_trial(trial._trial_id)
+        assert pruner.reason(study, frozen) is None and not median.prune(study, frozen)
 
-    assert judge(pruned_out_of_reach=False) is None  # 35 > the median of the complete trials, 30
-    assert judge(pruned_out_of_reach=True) == "median"  # 35 < 40, the median with the two stopped ones
+    judge(pruned_out_of_reach=False)
+    judge(pruned_out_of_reach=True)  # 35 > 30 either way: two stopped trials do not raise the median
 
 
 def test_stop_out_of_reach_is_a_tune_key():
@@ -815,7 +838,7 @@ def test_prune_replay_bench_replays_a_sequential_study_exactly(tmp_path, capsys,
     assert bench.main(["--journal", journal, "--study", "s", "--margin", "1", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert out[0] == f"12 trials, {complete} complete in the study"
+    assert out[0] == f"12 trials, {complete} complete in the study (maximize, 40 epochs)"
     assert out[1].startswith("median: ") and "(+0 saved)" in out[1] and f"{complete} complete" in out[1]
     assert [line.split(":")[0] for line in out if not line.startswith("    ")][2:] == [
         "median + out of reach, margin 1x", "median + out of reach, margin 2x"]

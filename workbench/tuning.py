@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import optuna
 import torch
 
@@ -403,33 +402,32 @@ OUT_OF_REACH = "out_of_reach"  # user attr of a trial stopped because it could n
 
 
 class ReachPruner(optuna.pruners.BasePruner):
-    """Optuna's median rule, plus a stop for a trial that can no longer become the study's best.
+    """``base`` (Optuna's median pruner, unchanged), plus a stop for a trial that can no longer
+    become the study's best.
 
-    Median (the decisions of Optuna's ``MedianPruner``): from ``n_warmup_steps`` on, once
-    ``n_startup_trials`` trials are complete, a trial whose best value so far is worse than the
-    median, at the same step, of the complete trials and of those stopped out of reach. A trial
-    stopped out of reach counts with its values up to its stop, as it would have counted had it
-    run to the end: it was stopped for being behind the best, not behind the median, and leaving
-    it out would judge every later trial against the good ones only.
-
-    Out of reach: a trial whose best value so far, improved by twice the largest gain any complete
-    trial made from the same step to its end (its objective against its best value up to that
-    step), still falls short of the study's best. The margin is the study's own: early on the
-    complete trials gained tens of points after the step and nothing is stopped; near the end of
-    a cosine schedule they gain a point or two, and a trial far behind the best stops there instead
-    of training its last epochs. Twice, because the largest of a handful of trials' gains
-    underestimates what the next trial may gain. Such a trial is PRUNED with its reason in the user
-    attr ``OUT_OF_REACH`` (set by the objective); ``reason`` says why a trial would stop."""
+    Out of reach: from ``n_warmup_steps`` on, once ``n_startup_trials`` complete trials reported
+    values both up to the step and after it, a trial whose best value so far, improved by twice the
+    largest gain any of them made after the step (its best value at the end against its best up
+    to the step), still falls short of the study's best. A trial's objective is never above its
+    best reported value (best_* reads one of them, final_* the last), so the bound holds for every
+    objective. The margin is the study's own: early on complete trials gained tens of points after
+    the step and nothing is stopped; near the end of a cosine schedule they gain a point or two,
+    and a trial far behind the best stops there instead of training its last epochs. Twice,
+    because the largest of a handful of trials' gains underestimates what the next may gain. Steps
+    after which no complete trial reported anything (the last epoch) are never judged: nothing is
+    left to save there. Such a trial is PRUNED with its reason in the user attr ``OUT_OF_REACH``
+    (set by the objective); like every pruned trial it is not in the median's population, which
+    stays Optuna's (complete trials). ``reason`` says why a trial would stop."""
 
     MARGIN = 2.0  # times the largest gain after the step seen in a complete trial
 
-    def __init__(self, n_startup_trials: int = 5, n_warmup_steps: int = 0):
-        self.n_startup_trials, self.n_warmup_steps = n_startup_trials, n_warmup_steps
+    def __init__(self, base: optuna.pruners.BasePruner, n_startup_trials: int = 5, n_warmup_steps: int = 0):
+        self.base, self.n_startup_trials, self.n_warmup_steps = base, n_startup_trials, n_warmup_steps
         self._reasons: dict[int, str] = {}  # trial number -> why prune() said yes (read by the objective)
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         reason = self.reason(study, trial)
-        if reason is not None:
+        if reason is not None and trial.state == optuna.trial.TrialState.RUNNING:
             self._reasons[trial.number] = reason
         return reason is not None
 
@@ -439,25 +437,19 @@ class ReachPruner(optuna.pruners.BasePruner):
 
     def reason(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
         """Why ``trial`` should stop now ("median" or "out of reach: ..."), else None."""
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        finished = study.get_trials(deepcopy=False, states=states)
-        complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+        if self.base.prune(study, trial):
+            return "median"
         step = trial.last_step
-        if not complete or len(complete) < self.n_startup_trials or step is None or step < self.n_warmup_steps:
+        if step is None or step < self.n_warmup_steps:
             return None
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        # Complete trials that reported up to the step and after it: what they gained afterwards
+        gains = [sign * (_best_intermediate(t, sign) - _best_intermediate(t, sign, upto=step)) for t in complete
+                 if any(s > step for s in t.intermediate_values)]
+        gains = [g for g in gains if not math.isnan(g)]
         best_so_far = _best_intermediate(trial, sign)
-        if math.isnan(best_so_far):
-            return "median"  # nothing finite reported: Optuna's median pruner stops it too
-        reference = complete + [t for t in finished if t.user_attrs.get(OUT_OF_REACH)]
-        at_step = [t.intermediate_values[step] for t in reference if step in t.intermediate_values]
-        if at_step and not all(math.isnan(v) for v in at_step):
-            median = float(np.nanpercentile(np.asarray(at_step, dtype=float), 50))
-            if sign * best_so_far < sign * median:
-                return "median"
-        gains = [sign * (t.value - _best_intermediate(t, sign, upto=step)) for t in complete]
-        gains = [g for g in gains if not math.isnan(g)]  # trials that reported nothing up to the step
-        if len(gains) < self.n_startup_trials:
+        if len(gains) < self.n_startup_trials or math.isnan(best_so_far):
             return None
         best = max((t.value for t in complete), key=lambda v: sign * v)
         reach = best_so_far + sign * self.MARGIN * max(gains)
@@ -482,9 +474,8 @@ def build_pruner(name: str, epochs: int, stop_out_of_reach: bool = True):
     start = first_judged_epoch(name, epochs)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=start, max_resource=max(1, epochs))
-    if stop_out_of_reach:
-        return ReachPruner(n_startup_trials=5, n_warmup_steps=start)
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=start)
+    median = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=start)
+    return ReachPruner(median, n_startup_trials=5, n_warmup_steps=start) if stop_out_of_reach else median
 
 
 def suggest_overrides(trial: optuna.trial.BaseTrial, space: dict) -> dict:
