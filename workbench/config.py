@@ -130,8 +130,9 @@ class TuneConfig:
     """median, hyperband or none."""
     stop_out_of_reach: bool = True
     """With the median pruner, also stop a trial that can no longer become the best: from the
-    pruner's first judged epoch, once 5 trials are complete, when its best value so far plus twice
-    the largest gain any complete trial made after the same epoch is still behind the study's best."""
+    pruner's first judged epoch, once 5 complete trials reported values after that epoch, when its
+    best value so far plus twice the largest gain any of them made after it is still behind the
+    study's best. The last epoch is never judged."""
     sampler: str = "tpe"
     """tpe, random or cmaes."""
     keep_checkpoints: str = "best"

@@ -1076,7 +1076,8 @@ class Study:
         if complete:
             best = self.study.best_trial
             step = len(self.study.trials)
-            out_of_reach = sum(bool(t.user_attrs.get(OUT_OF_REACH)) for t in self.study.trials)
+            out_of_reach = sum(t.state == optuna.trial.TrialState.PRUNED and bool(t.user_attrs.get(OUT_OF_REACH))
+                               for t in self.study.trials)  # a trial killed right after the attr is FAIL
             for key, value in {"best_value": best.value, "best_trial": best.number, "n_complete": len(complete),
                                "n_out_of_reach": out_of_reach, "n_trials": len(self.study.trials)}.items():
                 client.log_metric(parent, key, float(value), step=step)
