@@ -5,7 +5,7 @@ of reach of the best: the settings before issue 10) and once with the given ones
 fresh journal and SQLite store. Prints wall times, trial tallies, the best metric, and the ratio.
 
     python bench/tune_cost.py [--config experiments/quickstart.yaml] [--trials 50] [--n-jobs 1]
-        [--set val_every=2]
+        [--set val_every=2] [--both epochs_image=10]
 """
 from __future__ import annotations
 
@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-jobs", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="the speed settings to compare with the ones before (e.g. val_every=2)")
+    parser.add_argument("--both", action="append", default=[], metavar="KEY=VALUE",
+                        help="overrides for both studies (e.g. a shorter run: epochs_image=10)")
     args = parser.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in (("before", BEFORE), ("now", args.set)):
-            cfg = config.load(args.config, [f"output_dir={tmp}/runs_{name}", "save_checkpoints=false", *overrides])
+            cfg = config.load(args.config, [f"output_dir={tmp}/runs_{name}", "save_checkpoints=false", *args.both,
+                                           *overrides])
             results[name] = study_cost(cfg, args.trials, args.n_jobs, Path(tmp), name)
     for name, r in results.items():
         print(f"{name:6s} ({' '.join(BEFORE if name == 'before' else args.set) or 'defaults'}): {r['seconds']:7.1f} s, "

@@ -1,0 +1,87 @@
+"""The benchmarks still run: each bench script on the CPU, at the smallest sizes, end to end. A
+GPU machine is lent rarely and briefly, so its prepared run (bench/gpu_suite.sh) must not meet a
+renamed function there; nothing here is timed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "bench"
+# A tiny synthetic dataset for the quickstart-based benches: 8 training + 2 held-out identities.
+TINY = ["synth_identities=10", "val_identities=2", "synth_test_identities=4", "synth_images_per_identity=4",
+        "batch_size=16"]
+
+
+def load(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_dry_run_writes_every_result(tmp_path):
+    """bench/gpu_suite.sh with DRY_RUN=1: the same scripts and arguments' paths as on the GPU (the
+    training steps of both stages against the baseline, a whole run's image stage against the bare
+    step), on the CPU with the tiny model."""
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(BENCH / "gpu_suite.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert "== train_step: exit 0" in log and "== gpu_check: exit 0" in log
+    steps = json.loads((tmp_path / "train_step.json").read_text())
+    assert steps["stage1"]["ratio"] > 0 and steps["stage2"]["ratio"] > 0
+    checks = {c["check"]: c for c in json.loads((tmp_path / "gpu_check.json").read_text())}
+    assert set(checks) == {"machine", "bare_step", "image_stage_amp_true", "data_and_validation_share"}
+    stage = checks["image_stage_amp_true"]
+    assert stage["timed_epochs"] == 1 and stage["images_per_epoch"] > 0 and stage["validation_images"] > 0
+    assert checks["data_and_validation_share"]["ratio"] == pytest.approx(
+        stage["images_per_second"] / checks["bare_step"]["images_per_second"])
+
+
+def test_gpu_suite_says_what_it_needs_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(BENCH / "gpu_suite.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("gpu_suite: needs CUDA")
+
+
+def test_pipeline_bench_runs(tmp_path, monkeypatch, capsys):
+    bench = load("pipeline", monkeypatch)
+    sets = [a for o in [f"data_root={tmp_path / 'hands'}", *TINY] for a in ("--set", o)]
+    assert bench.main([*sets, "--epochs", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cache_images")]
+    assert [line.split(":")[0].split()[1] for line in lines] == ["false", "true"]
+    assert all("data / step" in line for line in lines)
+
+
+def test_eval_speed_bench_checks_both_evaluators_agree(monkeypatch, capsys):
+    bench = load("eval_speed", monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["eval_speed.py", "--queries", "40", "--gallery", "300", "--distractors", "60",
+                                      "--ids", "20", "--cams", "3", "--repeats", "1", "--no-peak"])
+    assert bench.main() == 0  # 1 when the numbers differ
+    out = capsys.readouterr().out
+    assert "-> same to 1e-6" in out and "speed ratio workbench / classic" in out
+
+
+def test_tracking_and_tune_cost_benches_run(tmp_path, monkeypatch, capsys):
+    tiny = [f"data_root={tmp_path / 'hands'}", *TINY, "epochs_prompt=1", "epochs_image=2"]
+    tracking = load("tracking_overhead", monkeypatch)
+    assert tracking.main([a for o in tiny for a in ("--set", o)] + ["--repeats", "1"]) == 0
+    assert "overhead:" in capsys.readouterr().out
+    tune = load("tune_cost", monkeypatch)
+    assert tune.main([a for o in tiny for a in ("--both", o)] + ["--trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "2 trials of" in out
