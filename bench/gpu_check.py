@@ -1,18 +1,20 @@
-"""GPU checks in one process (issue 10, goals 2-4; BENCHMARKS.md, "GPU"): does the image stage,
-with its data pipeline and its validation, run near the bare training step's rate?
+"""GPU checks in one process (issue 10, goal 4; BENCHMARKS.md, "GPU: the prepared run"): does the
+image stage, with its data pipeline and its validation, run near the bare training step's rate?
+In this order, so that a run stopped by a time limit loses the least important:
 
-1. ``quickstart``: the quickstart on the device under bf16 autocast (a sanity check of numbers).
-2. ``bare_step``: the stage-2 step of ``bench/train_step.py`` (workbench's, all five losses) on
-   synthetic tensors already on the device: the rate the hardware allows.
-3. ``image_stage_amp_*``: a complete ``workbench run`` (``train_joint``) of the same model, input
-   size and batch on a synthetic dataset written as PNG files (at half the input size): the decoded-image cache, the
-   loader's workers, pinned memory, the per-epoch validation and the step together, with bf16
-   autocast on and off. Its rate is taken between the first and the last validation (the first
-   epoch holds the warm-up), so the prompt stage, the cache fill and the final test are not in it.
-4. ``data_and_validation_share``: (3, bf16) / (2); goal 4 asks for at least 0.8.
+1. ``bare_step``: the stage-2 step of ``bench/train_step.py`` (workbench's, all five losses, bf16
+   autocast on CUDA) on synthetic tensors already on the device: the rate the hardware allows.
+2. ``image_stage_amp_true``: a complete ``workbench run`` (``train_joint``) of the same model,
+   input size and batch on a synthetic dataset written as PNG files (at half the input size): the
+   decoded-image cache, the loader's workers, pinned memory, the per-epoch validation and the step
+   together. Its rate is taken between the first and the last validation (the first epoch holds
+   the warm-up), so the prompt stage, the cache fill and the final test are not in it.
+3. ``data_and_validation_share``: (2) / (1); goal 4 asks for at least 0.8.
+4. ``quickstart``: the quickstart on the device under bf16 autocast (its numbers, a sanity check).
+5. ``image_stage_amp_false``: (2) in fp32, for bf16's speed-up and memory.
 
 Defaults are the GPU check (ViT-B/16 at 256x128, batch 64, 8 workers). Prints one JSON line per
-check; ``--out`` writes them all as one JSON list.
+check; ``--out`` holds them all as one JSON list, rewritten after each check.
 
     python bench/gpu_check.py --out bench/results/gpu_check.json
     python bench/gpu_check.py --device cpu --model wb-tiny --image-size 64 32 --batch 16 --identities 8 \\
@@ -129,32 +131,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first is warm-up)")
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    results = [{"check": "machine", "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                "torch": torch.__version__, "cuda": torch.version.cuda, "model": args.model,
-                "image_size": list(args.image_size), "batch": args.batch, "workers": args.workers}]
+    results: list[dict] = []
 
-    def emit(result: dict) -> None:
+    def emit(result: dict) -> None:  # written at once: a run stopped by its time limit keeps what it had
         results.append(result)
         print(json.dumps(result), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
-    print(json.dumps(results[0]), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    emit({"check": "machine", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+          "torch": torch.__version__, "cuda": torch.version.cuda, "model": args.model,
+          "image_size": list(args.image_size), "batch": args.batch, "workers": args.workers})
+    with tempfile.TemporaryDirectory() as tmp:  # the goal first, then the sanity checks
         tmp = Path(tmp)
-        if args.quickstart:
-            emit(quickstart(args, tmp, device))
         emit(bare_step(args, device))
+        bare = results[-1]["images_per_second"]
         # PNG files at half the input size (written 4x faster; the run decodes and resizes them once)
         synthesize_dataset(tmp / "synthetic", args.identities + args.val_identities, args.images, seed=0,
                            size=(args.image_size[0] // 2, args.image_size[1] // 2), test_identities=8)
-        bare = results[-1]["images_per_second"]
-        for amp in ((True, False) if args.fp32 else (True,)):
-            emit(image_stage(args, tmp, device, amp))
-            if amp:
-                emit({"check": "data_and_validation_share", "ratio": results[-1]["images_per_second"] / bare,
-                      "goal": 0.8})
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        emit(image_stage(args, tmp, device, amp=True))
+        emit({"check": "data_and_validation_share", "ratio": results[-1]["images_per_second"] / bare, "goal": 0.8})
+        if args.quickstart:
+            emit(quickstart(args, tmp, device))
+        if args.fp32:
+            emit(image_stage(args, tmp, device, amp=False))
     return 0
 
 

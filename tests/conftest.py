@@ -16,8 +16,12 @@ def mlflow_sqlite_template(tmp_path_factory):
     the same empty store, without ~3 s of schema migrations in every test that opens one."""
     import shutil
 
-    import sqlalchemy
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    try:
+        import sqlalchemy
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    except ImportError:  # a GPU machine running tests/test_gpu.py without MLflow installed
+        yield None
+        return
 
     template = tmp_path_factory.mktemp("mlflow_template") / "empty.db"
     original = SqlAlchemyStore.__init__

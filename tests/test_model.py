@@ -227,20 +227,23 @@ def test_a_weights_file_loads_without_the_random_init_warning(tmp_path, caplog):
     assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
 
 
-@pytest.mark.slow
-def test_compiled_encoders_compute_what_eager_ones_do():
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.slow),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")])])
+def test_compiled_encoders_compute_what_eager_ones_do(device):
     """compile: true changes speed, not numbers (forward and gradients), nor checkpoint names."""
     import copy
 
     from workbench.model import compile_encoders, encode_images, encode_prompt_embeddings
 
     torch.manual_seed(0)
-    eager = load_clip_with_patch("wb-tiny", pretrained=None, image_size=(64, 32), freeze_all=False)
+    eager = load_clip_with_patch("wb-tiny", device, pretrained=None, image_size=(64, 32), freeze_all=False)
     compiled = copy.deepcopy(eager)
     compile_encoders(compiled)
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    images = torch.randn(4, 3, 64, 32)
-    tokens = open_clip.get_tokenizer("wb-tiny")(["A photo of a dorsal right hand."])
+    images = torch.randn(4, 3, 64, 32, device=device)
+    tokens = open_clip.get_tokenizer("wb-tiny")(["A photo of a dorsal right hand."]).to(device)
     embedded = eager.token_embedding(tokens)[:, :int(tokens.argmax(-1)) + 1].detach()
     for model in (eager, compiled):
         loss = encode_images(model, images).pow(2).mean() + encode_prompt_embeddings(model, embedded).sum()
