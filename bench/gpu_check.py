@@ -13,7 +13,10 @@ In this order, so that a run stopped by a time limit loses the least important:
 4. ``quickstart``: the quickstart on the device under bf16 autocast (its numbers, a sanity check).
 5. ``image_stage_amp_false``: (2) in fp32, for bf16's speed-up and memory.
 
-Defaults are the GPU check (ViT-B/16 at 256x128, batch 64, 8 workers). Prints one JSON line per
+The memory of (1) is the timed steps' peak, that of (2) and (5) the whole run's (prompt stage and
+test included): compare (2) with (5), not with (1).
+
+Defaults are the GPU check (ViT-B/16 at 256x128, batch 64, 192 + 32 identities x 16 images, 8 workers). Prints one JSON line per
 check; ``--out`` holds them all as one JSON list, rewritten after each check.
 
     python bench/gpu_check.py --out bench/results/gpu_check.json
@@ -67,10 +70,9 @@ def bare_step(args, device: torch.device) -> dict:
     step_args = argparse.Namespace(model=args.model, image_size=tuple(args.image_size), batch=args.batch,
                                    classes=args.identities, n_ctx=args.n_ctx, steps=args.steps, warmup=args.warmup,
                                    log_every=20, compile=False)
-    reset_peak(device)
     result = train_step.stage2(step_args, device, fast=True)
     return {"check": "bare_step", "images_per_second": result["images_per_s"], "steps": args.steps,
-            "max_memory_gib": peak_gib(device)}
+            "step_max_memory_gib": result["peak_gib"]}  # the timed steps' (bench/train_step.py resets it)
 
 
 def run_config(args, tmp: Path, amp: bool) -> config.Config:
@@ -106,7 +108,7 @@ def image_stage(args, tmp: Path, device: torch.device, amp: bool) -> dict:
             per_epoch, "validation_images": len(data.val_query) + len(data.val_gallery), "timed_epochs": timed_epochs,
             "seconds": seconds, "images_per_second": per_epoch * timed_epochs / seconds,
             "image_stage_seconds": result["image_stage_seconds"], "best_rank1": result["best_rank1"],
-            "max_memory_gib": peak_gib(device)}
+            "run_max_memory_gib": peak_gib(device)}  # the whole run's: prompt stage, training, validation, test
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--image-size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=64, help="images per step (batch / 4 identities x 4)")
-    parser.add_argument("--identities", type=int, default=256, help="training identities of the synthetic dataset")
+    parser.add_argument("--identities", type=int, default=192, help="training identities of the synthetic dataset")
     parser.add_argument("--val-identities", type=int, default=32, help="held-out identities validated each epoch")
     parser.add_argument("--images", type=int, default=16, help="images per identity")
     parser.add_argument("--n-ctx", type=int, default=4)

@@ -6,9 +6,9 @@
 # versions, into .whl/ (ignored by git; the device call carries it). About 5 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
+version() { "${PYTHON:-python}" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 mkdir -p .whl
-python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"${PYTHON:-python}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "open_clip_torch==$(version open_clip_torch)" "ftfy==$(version ftfy)" "wcwidth==$(version wcwidth)" \
     "timm==$(version timm)"

@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="workbench's step with compile: true")
-    parser.add_argument("--out", help="write the numbers as JSON here too")
+    parser.add_argument("--out", help="write the numbers as JSON here too (after each stage)")
+    parser.add_argument("--baseline-from", metavar="JSON", help="take the baseline's rates from an earlier --out of "
+                        "the same shapes instead of timing them again (e.g. a --compile run after an eager one)")
     args = parser.parse_args(argv)
     args.model = resolve_model_name(args.model)
     args.image_size = tuple(args.image_size or ((64, 32) if args.model.startswith("wb-tiny") else (256, 128)))
@@ -205,20 +207,29 @@ def main(argv: list[str] | None = None) -> int:
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "model": args.model, "image_size": list(args.image_size),
                "threads": torch.get_num_threads(), "compile": args.compile}
+    shapes = {k: results[k] for k in ("device", "model", "image_size")} | {
+        "batch": args.batch, "prompt_batch": args.prompt_batch, "classes": args.classes, "n_ctx": args.n_ctx}
+    results["shapes"] = shapes
+    earlier = None
+    if args.baseline_from:
+        with open(args.baseline_from) as f:
+            earlier = json.load(f)
+        if earlier.get("shapes") != shapes:
+            parser.error(f"--baseline-from {args.baseline_from}: measured {earlier.get('shapes')}, not {shapes}")
     for name, run in (("stage1", stage1), ("stage2", stage2)):
-        base = run(args, device, fast=False)
+        base = earlier[name]["baseline"] if earlier else run(args, device, fast=False)
         ours = run(args, device, fast=True)
         key = "prompts_per_s" if name == "stage1" else "images_per_s"
         results[name] = {"baseline": base, "workbench": ours, "ratio": ours[key] / base[key]}
         unit = key.replace("_per_s", "/s")
         memory = (f"; peak {base['peak_gib']:.2f} vs {ours['peak_gib']:.2f} GiB" if base["peak_gib"] is not None
                   else "")
-        print(f"{name}: baseline {base[key]:9.1f} {unit}, workbench {ours[key]:9.1f} {unit}, ratio "
-              f"{results[name]['ratio']:.2f}x{memory}")
+        print(f"{name}: baseline {base[key]:9.1f} {unit}{' (from ' + args.baseline_from + ')' if earlier else ''}, "
+              f"workbench {ours[key]:9.1f} {unit}, ratio {results[name]['ratio']:.2f}x{memory}", flush=True)
+        if args.out:  # after each stage: a run stopped by a time limit keeps what it had
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
     print(json.dumps(results))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
     return 0
 
 

@@ -36,7 +36,7 @@ def test_gpu_suite_dry_run_writes_every_result(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (tmp_path / "gpu_suite.log").read_text()
-    assert "== train_step: exit 0" in log and "== gpu_check: exit 0" in log
+    assert "== train_step: exit 0" in log and "== gpu_check: exit 0" in log and "== gpu_tests: exit 0" in log
     steps = json.loads((tmp_path / "train_step.json").read_text())
     assert steps["stage1"]["ratio"] > 0 and steps["stage2"]["ratio"] > 0
     checks = {c["check"]: c for c in json.loads((tmp_path / "gpu_check.json").read_text())}
@@ -45,6 +45,22 @@ def test_gpu_suite_dry_run_writes_every_result(tmp_path):
     assert stage["timed_epochs"] == 1 and stage["images_per_epoch"] > 0 and stage["validation_images"] > 0
     assert checks["data_and_validation_share"]["ratio"] == pytest.approx(
         stage["images_per_second"] / checks["bare_step"]["images_per_second"])
+
+
+def test_train_step_takes_the_baseline_of_an_earlier_run_of_the_same_shapes(tmp_path, monkeypatch, capsys):
+    """The compiled run of the suite reuses the eager run's baseline rates instead of timing them again."""
+    bench = load("train_step", monkeypatch)
+    tiny = ["--batch", "8", "--classes", "4", "--prompt-batch", "8", "--steps", "1", "--warmup", "0"]
+    eager, again = tmp_path / "eager.json", tmp_path / "again.json"
+    assert bench.main([*tiny, "--out", str(eager)]) == 0
+    assert bench.main([*tiny, "--baseline-from", str(eager), "--out", str(again)]) == 0
+    first, second = json.loads(eager.read_text()), json.loads(again.read_text())
+    for stage in ("stage1", "stage2"):
+        assert second[stage]["baseline"] == first[stage]["baseline"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # other shapes: the earlier baseline does not apply
+        bench.main(["--batch", "16", "--classes", "4", "--steps", "1", "--baseline-from", str(eager)])
+    assert stop.value.code == 2 and "--baseline-from" in capsys.readouterr().err
 
 
 def test_gpu_suite_says_what_it_needs_without_cuda(tmp_path):

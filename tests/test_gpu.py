@@ -41,12 +41,18 @@ def test_channels_last_resnet_computes_what_a_contiguous_one_does():
     assert nhwc.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not nchw.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(nhwc.visual.conv1.weight, nchw.visual.conv1.weight, atol=0, rtol=0)
+
+    def trunk(visual, x):  # the convolutions' feature maps: a random ResNet's pooled output hardly
+        for stage in (visual.stem, visual.layer1, visual.layer2, visual.layer3, visual.layer4):  # depends on x
+            x = stage(x)
+        return x.float()
+
     images = torch.randn(4, 3, 128, 64, device=CUDA)
     with torch.no_grad():
-        a, b = encode_images(nhwc.eval(), images).float(), encode_images(nchw.eval(), images).float()
-    # cuDNN picks other algorithms for each layout (TF32 included): equal up to rounding
-    assert ((a - b).norm() / b.norm()).item() < 1e-2
-    assert F.cosine_similarity(a, b, dim=1).min().item() > 0.9999
+        a, b = trunk(nhwc.visual.eval(), images), trunk(nchw.visual.eval(), images)
+    # cuDNN picks other algorithms for each layout (TF32 included): equal up to rounding, which is
+    # far below what tells one image from another
+    assert (a - b).norm() < 1e-2 * (b - b.roll(1, 0)).norm()
 
 
 def test_bf16_autocast_features_stay_close_to_fp32():
