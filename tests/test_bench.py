@@ -94,10 +94,12 @@ def test_eval_speed_bench_checks_both_evaluators_agree(monkeypatch, capsys):
 
 def test_tracking_and_tune_cost_benches_run(tmp_path, monkeypatch, capsys):
     tiny = [f"data_root={tmp_path / 'hands'}", *TINY, "epochs_prompt=1", "epochs_image=2"]
+    quickstart = str(BENCH.parent / "experiments" / "quickstart.yaml")
     tracking = load("tracking_overhead", monkeypatch)
-    assert tracking.main([a for o in tiny for a in ("--set", o)] + ["--repeats", "1"]) == 0
-    assert "overhead:" in capsys.readouterr().out
     tune = load("tune_cost", monkeypatch)
-    assert tune.main([a for o in tiny for a in ("--both", o)] + ["--trials", "2"]) == 0
+    monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts in ./mlruns
+    assert tracking.main([a for o in tiny for a in ("--set", o)] + ["--repeats", "1", "--config", quickstart]) == 0
+    assert "overhead:" in capsys.readouterr().out
+    assert tune.main([a for o in tiny for a in ("--both", o)] + ["--trials", "2", "--config", quickstart]) == 0
     out = capsys.readouterr().out
     assert "before" in out and "2 trials of" in out
