@@ -321,6 +321,9 @@ def test_pruned_trial_ends_cleanly(tune_config, tmp_path, monkeypatch, why):
     assert "rank1" in run.data.metrics  # the numbers up to the pruned epoch stay
     # Out of reach: the trial and its line say why; the median rule needs no words
     assert trial.user_attrs.get(tuning.OUT_OF_REACH) == why
+    # ... and what the sampler learns from it: its objective's value then (a median-pruned trial has none)
+    stopped = max(trial.intermediate_values.values()) if why else None
+    assert trial.user_attrs.get(tuning.STOPPED_VALUE) == stopped
     (line,) = [line for line in lines if line.startswith("trial")]
     assert (why in line) if why else line.rstrip().endswith("replaced]")
 
@@ -436,6 +439,69 @@ def test_trials_stopped_out_of_reach_stay_out_of_the_median():
 
     judge(pruned_out_of_reach=False)
     judge(pruned_out_of_reach=True)  # 35 > 30 either way: two stopped trials do not raise the median
+
+
+def test_value_so_far_is_the_objective_of_a_stopped_run():
+    assert tuning.value_so_far("best_mAP", [50.0, 70.0, 65.0]) == 70.0
+    assert tuning.value_so_far("best_rank1", [50.0, float("nan"), 65.0]) == 65.0
+    assert tuning.value_so_far("best_mAP", [0.5, 0.2, 0.3], "minimize") == 0.2
+    assert tuning.value_so_far("final_mAP", [50.0, 70.0, 65.0]) == 65.0
+
+
+def _stopped_study(stopped_as: optuna.trial.TrialState, sampler) -> optuna.Study:
+    """19 trials of x in [0, 1]: the best complete at x = 0.3 (99), the others far below, and one at
+    x = 0.9 that reached 98 when it was stopped out of reach (PRUNED), or the same trial COMPLETE."""
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    space = {"x": FloatDistribution(0.0, 1.0)}
+    for i, x in enumerate(np.linspace(0.0, 1.0, 18)):
+        study.add_trial(optuna.trial.create_trial(params={"x": float(x)}, distributions=space,
+                                                  value=99.0 if i == 5 else 40.0 + i, intermediate_values={30: 40.0}))
+    if stopped_as == optuna.trial.TrialState.PRUNED:
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": 0.9}, distributions=space, state=stopped_as, intermediate_values={30: 98.0},
+            user_attrs={tuning.OUT_OF_REACH: "out of reach: ...", tuning.STOPPED_VALUE: 98.0}))
+    else:
+        study.add_trial(optuna.trial.create_trial(params={"x": 0.9}, distributions=space, value=98.0,
+                                                  intermediate_values={30: 98.0}))
+    return study
+
+
+def _proposals(study: optuna.Study) -> list[float]:
+    from optuna.distributions import FloatDistribution
+
+    proposed = []
+    for _ in range(3):
+        trial = study.ask({"x": FloatDistribution(0.0, 1.0)})
+        proposed.append(trial.params["x"])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)  # out of TPE's view, as before the ask
+    return proposed
+
+
+def test_the_sampler_learns_from_a_stopped_trial_as_from_a_complete_one():
+    """TPE's good group is the best tenth of the trials, complete ones first: a trial stopped out of
+    reach at 98, second to 99, belongs there. The study keeps it PRUNED; its sampler proposes what
+    Optuna's TPE proposes when that trial is COMPLETE at 98, not what it proposes with it PRUNED."""
+    pruned, complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+    ours = _stopped_study(pruned, tuning.build_sampler("tpe", seed=3))
+    as_complete = _proposals(_stopped_study(complete, optuna.samplers.TPESampler(seed=3, constant_liar=True)))
+    as_pruned = _proposals(_stopped_study(pruned, optuna.samplers.TPESampler(seed=3, constant_liar=True)))
+    assert as_complete != as_pruned  # the example tells the two apart
+    assert _proposals(ours) == as_complete
+    stopped = ours.trials[18]
+    assert stopped.state == pruned and ours.best_value == 99.0  # the study's own record is unchanged
+    view = tuning.StudyAsLearned(ours)
+    shown = {t.number: t for t in view._get_trials(deepcopy=False, states=(complete, pruned))}
+    assert shown[stopped.number].state == complete and shown[stopped.number].value == 98.0
+    assert stopped.number not in {t.number for t in view.get_trials(states=(pruned,))}
+    assert ours.trials[18].state == pruned  # the storage's trial was copied, not changed
+
+
+def test_without_stopped_trials_the_sampler_is_optunas_tpe():
+    plain = _proposals(_stopped_study(optuna.trial.TrialState.COMPLETE, optuna.samplers.TPESampler(
+        seed=5, constant_liar=True)))
+    assert _proposals(_stopped_study(optuna.trial.TrialState.COMPLETE, tuning.build_sampler("tpe", 5))) == plain
 
 
 def test_stop_out_of_reach_is_a_tune_key():

@@ -13,6 +13,7 @@ study stops there with that error, since every later trial would meet it too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import errno
 import fcntl
@@ -389,7 +390,48 @@ def build_sampler(name: str, seed: int):
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     # constant_liar: trials still running count as poor ones while TPE samples, so parallel workers
     # (threads, processes, machines) do not propose the same region; one worker samples as before.
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return ReachAwareTPESampler(seed=seed, constant_liar=True)
+
+
+class ReachAwareTPESampler(optuna.samplers.TPESampler):
+    """Optuna's TPE, which learns from a trial stopped out of reach of the best as from a complete
+    trial at its objective's value when stopped (user attr ``STOPPED_VALUE``). TPE learns from its
+    good group, the best tenth of the trials, filled with complete trials first: PRUNED alone would
+    rank such a trial after every complete one, though it may well be among the best tenth. The
+    trial stays PRUNED in the study; only what the sampler reads changes (``StudyAsLearned``)."""
+
+    def sample_relative(self, study, trial, search_space):
+        return super().sample_relative(StudyAsLearned(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return super().sample_independent(StudyAsLearned(study), trial, param_name, param_distribution)
+
+
+class StudyAsLearned:
+    """``study`` as its sampler reads it: every trial stopped out of reach (PRUNED, with
+    ``STOPPED_VALUE``) shown COMPLETE at that value; everything else is the study's own."""
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
+        pruned, complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+        wanted = None if states is None else tuple(states)
+        asked = wanted if wanted is None or complete not in wanted or pruned in wanted else (*wanted, pruned)
+        shown = []
+        for trial in self._study._get_trials(deepcopy=deepcopy, states=asked, use_cache=use_cache):
+            if trial.state == pruned and STOPPED_VALUE in trial.user_attrs:
+                trial = copy.copy(trial)  # the storage's own object stays as it is
+                trial.state, trial.value = complete, float(trial.user_attrs[STOPPED_VALUE])
+            if wanted is None or trial.state in wanted:
+                shown.append(trial)
+        return shown
 
 
 def first_judged_epoch(name: str, epochs: int) -> int:
@@ -399,6 +441,7 @@ def first_judged_epoch(name: str, epochs: int) -> int:
 
 
 OUT_OF_REACH = "out_of_reach"  # user attr of a trial stopped because it could no longer become the best: why
+STOPPED_VALUE = "value_when_stopped"  # user attr of such a trial: its objective's value then (what TPE learns)
 
 
 class ReachPruner(optuna.pruners.BasePruner):
@@ -458,6 +501,15 @@ class ReachPruner(optuna.pruners.BasePruner):
                     f"largest gain of a complete trial after step {step} ({max(gains):.2f}) = {reach:.2f}, behind the "
                     f"study's best {best:.2f}")
         return None
+
+
+def value_so_far(metric: str, reported: list[float], direction: str = "maximize") -> float:
+    """The objective ``metric`` of a run stopped after reporting ``reported`` (its values of the
+    metric ``best_*``/``final_*`` reads, in epoch order): the best of them, or the last."""
+    values = [v for v in reported if not math.isnan(v)]
+    if not metric.startswith("best_") or not values:
+        return reported[-1]
+    return max(values) if direction == "maximize" else min(values)
 
 
 def _best_intermediate(trial: optuna.trial.FrozenTrial, sign: float, upto: int | None = None) -> float:
@@ -739,9 +791,11 @@ class Study:
         trial.set_user_attr("rerun", rerun_command(self.config_path, self.base_overrides, values | schedule,
                                                    self.trial_threads))
         report_key = TUNE_METRICS[self.metric]
+        reported: list[float] = []
 
         def report(epoch: int, metrics: dict) -> None:
             self.check_interrupt()
+            reported.append(metrics[report_key])
             try:
                 trial.report(metrics[report_key], epoch)
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -751,6 +805,7 @@ class Study:
                 why = self.study.pruner.pop_reason(trial.number) if isinstance(self.study.pruner, ReachPruner) else None
                 if why and why.startswith("out of reach"):
                     trial.set_user_attr(OUT_OF_REACH, why)
+                    trial.set_user_attr(STOPPED_VALUE, value_so_far(self.metric, reported, self.tune.direction))
                 raise TrialPruned(f"pruned after epoch {epoch} at {report_key} {metrics[report_key]:.2f}"
                                   + (f" ({why})" if why else ""))
 
