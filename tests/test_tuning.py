@@ -1,4 +1,5 @@
 """Studies of the reduced quickstart against real Optuna storage and a real SQLite MLflow store."""
+import math
 import subprocess
 import sys
 import time
@@ -304,12 +305,12 @@ def test_parallel_trials_print_one_line_each_and_share_prompt_stages(tune_config
 
 @pytest.mark.parametrize("why", [None, "out of reach: best so far 1 + 2 = 3, behind the study's best 4"])
 def test_pruned_trial_ends_cleanly(tune_config, tmp_path, monkeypatch, why):
-    cfg = config.replace(tune_config, epochs_image=3)
+    cfg = config.replace(tune_config, epochs_image=3, select_metric="rank1")  # best_mAP: mAP at the best rank-1
     options = TuneOptions(trials=1, study_name="prune", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
 
-    class AlwaysPrune(tuning.ReachPruner):
+    class AlwaysPrune(tuning.ReachPruner):  # after two validations (epochs 1 and 2)
         def reason(self, study, trial):
-            return why or "median"
+            return (why or "median") if trial.last_step >= 2 else None
 
     monkeypatch.setattr(tuning, "build_pruner", lambda *args: AlwaysPrune(optuna.pruners.NopPruner()))
     lines = []
@@ -321,9 +322,14 @@ def test_pruned_trial_ends_cleanly(tune_config, tmp_path, monkeypatch, why):
     assert "rank1" in run.data.metrics  # the numbers up to the pruned epoch stay
     # Out of reach: the trial and its line say why; the median rule needs no words
     assert trial.user_attrs.get(tuning.OUT_OF_REACH) == why
-    # ... and what the sampler learns from it: its objective's value then (a median-pruned trial has none)
-    stopped = max(trial.intermediate_values.values()) if why else None
-    assert trial.user_attrs.get(tuning.STOPPED_VALUE) == stopped
+    # ... and what the sampler learns from it: its objective's value then, the tune metric (mAP) at
+    # the epoch with the best select_metric (rank1); a median-pruned trial has none
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    curves = {k: [m.value for m in sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)]
+              for k in ("rank1", "mAP")}
+    assert len(curves["mAP"]) == 2 and cfg.tune.metric == "best_mAP" and cfg.select_metric == "rank1"
+    selected = curves["mAP"][1] if curves["rank1"][1] > curves["rank1"][0] else curves["mAP"][0]
+    assert trial.user_attrs.get(tuning.STOPPED_VALUE) == (selected if why else None)
     (line,) = [line for line in lines if line.startswith("trial")]
     assert (why in line) if why else line.rstrip().endswith("replaced]")
 
@@ -442,10 +448,16 @@ def test_trials_stopped_out_of_reach_stay_out_of_the_median():
 
 
 def test_value_so_far_is_the_objective_of_a_stopped_run():
-    assert tuning.value_so_far("best_mAP", [50.0, 70.0, 65.0]) == 70.0
-    assert tuning.value_so_far("best_rank1", [50.0, float("nan"), 65.0]) == 65.0
-    assert tuning.value_so_far("best_mAP", [0.5, 0.2, 0.3], "minimize") == 0.2
-    assert tuning.value_so_far("final_mAP", [50.0, 70.0, 65.0]) == 65.0
+    """best_* reads the BEST epoch's value (the first with the highest select_metric), as the run's
+    selection does; final_* the last epoch's."""
+    nan = float("nan")
+    rows = [{"rank1": 50.0, "mAP": 40.0}, {"rank1": 70.0, "mAP": 55.0}, {"rank1": 70.0, "mAP": 60.0},
+            {"rank1": nan, "mAP": 90.0}, {"rank1": 65.0, "mAP": 58.0}]
+    assert tuning.value_so_far("best_mAP", rows, "rank1") == 55.0  # not the highest mAP (90, 60)
+    assert tuning.value_so_far("best_rank1", rows, "rank1") == 70.0
+    assert math.isnan(tuning.value_so_far("best_rank1", rows, "mAP"))  # the BEST epoch (mAP 90) has no rank1
+    assert tuning.value_so_far("final_mAP", rows, "rank1") == 58.0
+    assert math.isnan(tuning.value_so_far("best_mAP", [{"rank1": nan, "mAP": 3.0}], "rank1"))  # nothing selected
 
 
 def _stopped_study(stopped_as: optuna.trial.TrialState, sampler) -> optuna.Study:
@@ -495,7 +507,21 @@ def test_the_sampler_learns_from_a_stopped_trial_as_from_a_complete_one():
     shown = {t.number: t for t in view._get_trials(deepcopy=False, states=(complete, pruned))}
     assert shown[stopped.number].state == complete and shown[stopped.number].value == 98.0
     assert stopped.number not in {t.number for t in view.get_trials(states=(pruned,))}
+    median_pruned = ours.ask()  # pruned by the median: no value when stopped, PRUNED for the sampler too
+    ours.tell(median_pruned, state=pruned)
+    assert median_pruned.number in {t.number for t in view.get_trials(states=(pruned,))}
     assert ours.trials[18].state == pruned  # the storage's trial was copied, not changed
+
+
+def test_the_sampler_learns_from_a_stopped_trial_when_sampling_each_parameter_alone():
+    """TPE's other path (multivariate off, Optuna's default before 5.0) reads the trials the same way."""
+    pruned, complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+    ours = tuning.ReachAwareTPESampler(seed=3, constant_liar=True, multivariate=False)
+    plain = optuna.samplers.TPESampler(seed=3, constant_liar=True, multivariate=False)
+    as_complete = _proposals(_stopped_study(complete, plain))
+    assert as_complete != _proposals(_stopped_study(pruned, optuna.samplers.TPESampler(
+        seed=3, constant_liar=True, multivariate=False)))
+    assert _proposals(_stopped_study(pruned, ours)) == as_complete
 
 
 def test_without_stopped_trials_the_sampler_is_optunas_tpe():

@@ -418,15 +418,20 @@ class StudyAsLearned:
         return getattr(self._study, name)
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
+        return self._shown(lambda asked: self._study.get_trials(deepcopy=deepcopy, states=asked), states)
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
+        return self._shown(lambda asked: self._study._get_trials(deepcopy=deepcopy, states=asked,
+                                                                 use_cache=use_cache), states)
+
+    @staticmethod
+    def _shown(fetch, states) -> list[optuna.trial.FrozenTrial]:
         pruned, complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
         wanted = None if states is None else tuple(states)
         asked = wanted if wanted is None or complete not in wanted or pruned in wanted else (*wanted, pruned)
         shown = []
-        for trial in self._study._get_trials(deepcopy=deepcopy, states=asked, use_cache=use_cache):
-            if trial.state == pruned and STOPPED_VALUE in trial.user_attrs:
+        for trial in fetch(asked):
+            if trial.state == pruned and math.isfinite(trial.user_attrs.get(STOPPED_VALUE, math.nan)):
                 trial = copy.copy(trial)  # the storage's own object stays as it is
                 trial.state, trial.value = complete, float(trial.user_attrs[STOPPED_VALUE])
             if wanted is None or trial.state in wanted:
@@ -503,13 +508,19 @@ class ReachPruner(optuna.pruners.BasePruner):
         return None
 
 
-def value_so_far(metric: str, reported: list[float], direction: str = "maximize") -> float:
-    """The objective ``metric`` of a run stopped after reporting ``reported`` (its values of the
-    metric ``best_*``/``final_*`` reads, in epoch order): the best of them, or the last."""
-    values = [v for v in reported if not math.isnan(v)]
-    if not metric.startswith("best_") or not values:
-        return reported[-1]
-    return max(values) if direction == "maximize" else min(values)
+def value_so_far(metric: str, validations: list[dict], select_metric: str) -> float:
+    """The objective ``metric`` of a run stopped after ``validations`` (each epoch's validation
+    metrics, in order), as the run would have given it then: ``final_*`` the last epoch's value,
+    ``best_*`` the value at the first epoch with the highest ``select_metric`` (the BEST epoch,
+    ``stages.Selection``'s rule: a NaN never improves); NaN when no epoch was selected."""
+    key = TUNE_METRICS[metric]
+    if metric.startswith("final_"):
+        return float(validations[-1][key])
+    best = None
+    for row in validations:
+        if row[select_metric] > (best[select_metric] if best is not None else -1.0):
+            best = row
+    return float(best[key]) if best is not None else math.nan
 
 
 def _best_intermediate(trial: optuna.trial.FrozenTrial, sign: float, upto: int | None = None) -> float:
@@ -791,11 +802,11 @@ class Study:
         trial.set_user_attr("rerun", rerun_command(self.config_path, self.base_overrides, values | schedule,
                                                    self.trial_threads))
         report_key = TUNE_METRICS[self.metric]
-        reported: list[float] = []
+        validations: list[dict] = []
 
         def report(epoch: int, metrics: dict) -> None:
             self.check_interrupt()
-            reported.append(metrics[report_key])
+            validations.append(metrics)
             try:
                 trial.report(metrics[report_key], epoch)
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -805,7 +816,9 @@ class Study:
                 why = self.study.pruner.pop_reason(trial.number) if isinstance(self.study.pruner, ReachPruner) else None
                 if why and why.startswith("out of reach"):
                     trial.set_user_attr(OUT_OF_REACH, why)
-                    trial.set_user_attr(STOPPED_VALUE, value_so_far(self.metric, reported, self.tune.direction))
+                    value = value_so_far(self.metric, validations, cfg.select_metric)
+                    if math.isfinite(value):  # else TPE sees it PRUNED, as Optuna would
+                        trial.set_user_attr(STOPPED_VALUE, value)
                 raise TrialPruned(f"pruned after epoch {epoch} at {report_key} {metrics[report_key]:.2f}"
                                   + (f" ({why})" if why else ""))
 
