@@ -16,7 +16,7 @@ In this order, so that a run stopped by a time limit loses the least important:
 The memory of (1) is the timed steps' peak, that of (2) and (5) the whole run's (prompt stage and
 test included): compare (2) with (5), not with (1).
 
-Defaults are the GPU check (ViT-B/16 at 256x128, batch 64, 192 + 32 identities x 16 images, 8 workers). Prints one JSON line per
+Defaults are the GPU check (ViT-B/16 at 256x128, batch 64, 192 + 32 identities x 16 images, num_workers auto). Prints one JSON line per
 check; ``--out`` holds them all as one JSON list, rewritten after each check.
 
     python bench/gpu_check.py --out bench/results/gpu_check.json
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (bench/train_step.py: the bare step)
 
 from workbench import config  # noqa: E402
-from workbench.data import build_loaders, synthesize_dataset  # noqa: E402
+from workbench.data import build_loaders, loader_workers, synthesize_dataset  # noqa: E402
 from workbench.model import resolve_model_name  # noqa: E402
 from workbench.runner import load_data, train_joint  # noqa: E402
 from workbench.tracking import NullTracker  # noqa: E402
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=16, help="images per identity")
     parser.add_argument("--n-ctx", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=5, help="image-stage epochs of each run (the first is warm-up)")
-    parser.add_argument("--workers", type=int, default=8, help="the loader's worker processes")
+    parser.add_argument("--workers", default="auto", help="the loader's worker processes (num_workers; auto: from the cores)")
     parser.add_argument("--steps", type=int, default=50, help="timed bare steps")
     parser.add_argument("--warmup", type=int, default=5, help="bare steps before timing")
     parser.add_argument("--no-quickstart", dest="quickstart", action="store_false")
@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
     emit({"check": "machine", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
           "torch": torch.__version__, "cuda": torch.version.cuda, "model": args.model,
-          "image_size": list(args.image_size), "batch": args.batch, "workers": args.workers})
+          "image_size": list(args.image_size), "batch": args.batch, "workers": args.workers,
+          "worker_processes": loader_workers(args.workers if args.workers == "auto" else int(args.workers),
+                                             on_gpu=device.type == "cuda", images_cached=True)})
     with tempfile.TemporaryDirectory() as tmp:  # the goal first, then the sanity checks
         tmp = Path(tmp)
         emit(bare_step(args, device))

@@ -39,7 +39,7 @@ else
     "$py" -c "import torch, open_clip; assert torch.cuda.is_available(), 'no CUDA device'" \
         || { echo "gpu_suite: needs CUDA and open_clip (run bench/gpu_wheels.sh here, carry .whl)" >&2; exit 1; }
     step=(--device cuda --model ViT-B-16 --image-size 256 128 --batch 64 --steps 50 --warmup 5)
-    check=(--workers "$(( $(nproc) / 2 ))")
+    check=(--workers auto)  # cores - 1, at most 8 (data.loader_workers)
 fi
 failed=0
 part() {  # part NAME SECONDS COMMAND...: at most SECONDS, and never past the budget

@@ -43,6 +43,7 @@ def test_unknown_key_suggests_closest(tmp_path):
     # scaling out: heartbeats of database studies
     ("tune.heartbeat_interval=0", "tune.heartbeat_interval"), ("tune.grace_period=30", "tune.grace_period"),
     ("tune.retry_failed=-1", "tune.retry_failed"),
+    ("num_workers=-1", "num_workers"), ("num_workers=many", "num_workers"), ("num_workers=2.5", "num_workers"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -56,6 +57,7 @@ def test_overrides_are_yaml_scalars_and_keep_types():
     assert cfg.lr == 1e-3 and cfg.epochs_image == 3 and cfg.freeze_prompt is False
     assert cfg.pretrained is None and cfg.image_size == [128, 64] and cfg.tune.metric == "best_rank1"
     assert config.load(None, ["lr=1"]).lr == 1.0  # an int where a float is expected is fine
+    assert config.load(None).num_workers == "auto" and config.load(None, ["num_workers=3"]).num_workers == 3
     with pytest.raises(ConfigError):
         config.load(None, ["nokeyvalue"])
 

@@ -345,3 +345,55 @@ def test_decoded_images_are_reused_until_a_file_changes(synth_root, tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(DataError, match=f"cannot read image {bad}"):
         DecodedImages.get([*paths, str(bad)], (64, 32))
+
+
+def _epochs(loaders, epochs):
+    out = []
+    for epoch in epochs:
+        loaders.sampler.set_epoch(epoch)
+        out.append([(images, labels) for images, labels, _, _ in loaders.train])
+    return out
+
+
+def test_training_batches_do_not_depend_on_the_worker_count_or_on_resuming(synth_root):
+    """Every image's augmentation is seeded by its place in the epoch (SeededBatches): worker
+    processes give the batches the main process gives, and an epoch started fresh (a resumed run)
+    the batches it gives after the earlier ones."""
+    kwargs = dict(image_size=(64, 32), batch_size=8, num_instances=2, test_batch_size=16, seed=5, random_erasing=0.5,
+                  cache_images=True)
+    data = load_reid_dataset(synth_root, val_identities=2)
+    torch.manual_seed(0)
+    main = _epochs(build_loaders(data, num_workers=0, **kwargs), [0, 1, 2])
+    torch.manual_seed(1)  # the global generator plays no part
+    workers = _epochs(build_loaders(data, num_workers=2, **kwargs), [0, 1, 2])
+    resumed = _epochs(build_loaders(data, num_workers=2, **kwargs), [2])
+    for ours, theirs in [*zip(main, workers, strict=True), (main[2], resumed[0])]:
+        assert len(ours) == len(theirs) > 0
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs))
+    assert not torch.equal(main[1][0][0], main[2][0][0])  # epochs differ ...
+    plain = build_loaders(data, num_workers=0, **{**kwargs, "random_erasing": 0.0, "flip_prob": 0.0, "pad": 0})
+    plain.sampler.set_epoch(0)
+    untouched = next(iter(plain.train))[0]
+    assert not torch.equal(main[0][0][0], untouched)  # ... and the augmentation does change the images
+    assert len({main[0][0][0][i].sum().item() - untouched[i].sum().item() for i in range(8)}) > 1  # per image
+
+
+@pytest.mark.parametrize("setting, on_gpu, cached, sharing, ranks, cores, expected", [
+    (3, True, True, 1, 1, 16, 3),  # a count is a count
+    ("auto", False, True, 1, 1, 16, 0),  # CPU with images in memory: the step gets every core
+    ("auto", False, False, 1, 1, 16, 8),  # decoding on every read: workers, at most 8
+    ("auto", True, True, 1, 1, 16, 8),
+    ("auto", True, True, 1, 1, 6, 5),  # one core left to the training loop
+    ("auto", True, True, 2, 1, 6, 2),  # two trials side by side share the cores
+    ("auto", True, True, 1, 4, 16, 3),  # four DDP ranks on the machine
+    ("auto", True, True, 1, 1, 1, 1),  # never 0 where workers are wanted
+])
+def test_num_workers_auto_takes_the_cores_it_may_use(monkeypatch, setting, on_gpu, cached, sharing, ranks, cores,
+                                                     expected):
+    import os
+
+    from workbench.data import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert loader_workers(setting, on_gpu=on_gpu, images_cached=cached, sharing=sharing) == expected

@@ -2,9 +2,10 @@
 
 The end-to-end test launches ``workbench run --nproc 2`` (torch's elastic launcher, as
 torchrun does) and checks what the issue asks: it finishes, logs one MLflow run, and its
-checkpoint gives the same numbers in a single-process ``workbench eval``. Without
-augmentation a 2-process step is the single-process step (the ranks' shares are gathered
-into the global batch before the losses), so the logged losses equal a 1-process run's.
+checkpoint gives the same numbers in a single-process ``workbench eval``. A 2-process step is
+the single-process step (the ranks' shares are gathered into the global batch before the
+losses, and each image's augmentation is seeded by its place in the global batch), so the
+logged losses equal a 1-process run's.
 """
 import json
 import os
@@ -25,8 +26,8 @@ from workbench.runner import check_ranks, train_joint
 from workbench.tracking import MlflowTracker
 
 ROOT = Path(__file__).resolve().parents[1]
-# identical inputs for every process count: no random augmentation
-NO_AUGMENTATION = {"flip_prob": 0.0, "pad": 0, "random_erasing": 0.0}
+# every random transform on: each image is augmented alike for every process count
+AUGMENTATION = {"flip_prob": 0.5, "pad": 2, "random_erasing": 0.5}
 
 
 def test_shards_cover_every_item_once_in_order():
@@ -56,6 +57,27 @@ def test_identity_sampler_ranks_share_each_global_batch():
             assert len(ids[0]) == len(ids[1]) == 2 and not ids[0] & ids[1]  # different identities, K images each
     with pytest.raises(DataError, match="cannot share equally"):
         IdentitySampler(labels, batch_size=12, num_instances=4, seed=0, ranks=2)
+
+
+def test_ranks_augment_each_image_as_a_single_process_does():
+    """The augmentation seed of an image is its place in the global batch: two ranks' shares
+    carry the seeds of the single-process batch, so DDP draws the same augmentation."""
+    from workbench.data import SeededBatches
+
+    labels = np.repeat(np.arange(12), 5)
+    whole = SeededBatches(IdentitySampler(labels, batch_size=16, num_instances=4, seed=3), seed=3)
+    ranks = [SeededBatches(IdentitySampler(labels, batch_size=16, num_instances=4, seed=3, ranks=2, which=r), seed=3)
+             for r in (0, 1)]
+    seeds = []
+    for epoch in (0, 1):
+        for batches in (whole, *ranks):
+            batches.sampler.set_epoch(epoch)
+        pairs = list(whole)
+        seeds.append({seed for batch in pairs for _, seed in batch})
+        assert len(seeds[-1]) == sum(map(len, pairs))  # one seed per image
+        for batch, first, second in zip(pairs, *ranks, strict=True):
+            assert first + second == batch
+    assert not seeds[0] & seeds[1]  # another epoch, other seeds
 
 
 def test_configs_that_ranks_cannot_run_are_one_line_before_launching(tiny_config, capsys, monkeypatch):
@@ -97,14 +119,15 @@ def _test_line(stdout: str, which: str) -> str:
 
 def _two_processes_against_one(cfg: config.Config, experiment_file: str, tmp_path: Path, keys: tuple[str, ...],
                                new_store, rtol: float = 1e-4):
-    """Run ``cfg`` (augmentation off) in this process and with ``workbench run --nproc 2``; check
+    """Run ``cfg`` in this process and with ``workbench run --nproc 2``; check
     that the second logs one MLflow run whose ``keys`` histories and test numbers equal the
     first's (to ``rtol``: float sums in another order, then a few optimizer steps). Returns (the
     2-process command's output, its run folder)."""
     overrides = [f"{k}={v}" for k, v in {**{k: getattr(cfg, k) for k in (
         "data_root", "output_dir", "synthesize_if_missing", "epochs_prompt", "epochs_image", "batch_size",
-        "num_instances", "log_every", "test_batch_size", "device", "val_identities")},
-        "image_size": json.dumps(list(cfg.image_size)).replace(" ", ""), **NO_AUGMENTATION}.items()]
+        "num_instances", "log_every", "test_batch_size", "device", "val_identities", "flip_prob", "pad",
+        "random_erasing")},
+        "image_size": json.dumps(list(cfg.image_size)).replace(" ", "")}.items()]
     single_uri = f"sqlite:///{tmp_path / 'single.db'}"
     single = train_joint(cfg, MlflowTracker(single_uri))  # the reference: one process, this one
 
@@ -131,7 +154,7 @@ def _two_processes_against_one(cfg: config.Config, experiment_file: str, tmp_pat
 @pytest.mark.scale
 def test_two_process_run_equals_one_process_and_its_checkpoint_evaluates_alone(tiny_config, tmp_path, capsys,
                                                                                new_store):
-    cfg = config.replace(tiny_config, epochs_prompt=1, epochs_image=2, **NO_AUGMENTATION)
+    cfg = config.replace(tiny_config, epochs_prompt=1, epochs_image=2, **AUGMENTATION)
     done, run_dir = _two_processes_against_one(cfg, "experiments/quickstart.yaml", tmp_path,
                                                ("prompt_loss", "prompt_grad", "loss", "tri_loss", "center_loss",
                                                 "i2t_loss", "feat_norm", "mAP"), new_store)
@@ -156,7 +179,7 @@ def test_promptsg_interrupted_in_one_process_goes_on_in_two_to_the_same_numbers(
     cfg = config.load("experiments/promptsg_quickstart.yaml", [
         f"data_root={synth_root}", f"output_dir={tmp_path / 'runs'}", "synthesize_if_missing=false",
         "epochs_image=2", "batch_size=8", "num_instances=2", "log_every=1", "test_batch_size=32", "device=cpu",
-        "val_identities=2", *(f"{k}={v}" for k, v in NO_AUGMENTATION.items())])
+        "val_identities=2", *(f"{k}={v}" for k, v in AUGMENTATION.items())])
     single_uri = f"sqlite:///{tmp_path / 'single.db'}"
     single = train_joint(cfg, MlflowTracker(single_uri))
     uri = f"sqlite:///{tmp_path / 'resume.db'}"

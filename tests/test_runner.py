@@ -183,10 +183,11 @@ def test_a_fault_during_a_run_is_one_line_exit_1_and_a_failed_run(synth_root, ti
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(interrupted_run, tiny_config, tmp_path, capsys):
+    """... also with loader worker processes, which augment each image as the main process does."""
     uri = f"sqlite:///{tmp_path / 'resume.db'}"
     cfg = config.replace(tiny_config, epochs_image=3)
-    reference = train_joint(cfg, MlflowTracker(uri))
-    run_dir = interrupted_run(cfg, MlflowTracker(uri), at_epoch=2)
+    reference = train_joint(cfg, MlflowTracker(uri))  # num_workers auto: 0 on the CPU with images in memory
+    run_dir = interrupted_run(config.replace(cfg, num_workers=2), MlflowTracker(uri), at_epoch=2)
     client = MlflowClient(uri)
     killed = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],
                                 "attributes.status = 'KILLED'")

@@ -240,8 +240,8 @@ class Config:
     """Images per identity in a training batch (K of the PK sampler)."""
     test_batch_size: int = 128
     """Batch size for feature extraction."""
-    num_workers: int = 2
-    """DataLoader worker processes."""
+    num_workers: int | str = "auto"
+    """DataLoader worker processes, or auto: from the cores (0 on the CPU with images in memory; else cores - 1, at most 8). Never changes the numbers."""
     cache_images: bool = True
     """Decode and resize every image once per run and keep it in memory (uint8; not when it would take over half the free memory)."""
     flip_prob: float = 0.5
@@ -408,9 +408,11 @@ class Config:
         _check_template("prompt_template", self.prompt_template, self.aspect)
         if len(self.image_size) != 2 or any(not isinstance(s, int) or s < 32 for s in self.image_size):
             bad("image_size", f"must be [height, width] with both at least 32, got {self.image_size}")
-        for key in ("epochs_prompt", "epochs_image", "warmup_epochs", "num_workers"):
+        for key in ("epochs_prompt", "epochs_image", "warmup_epochs"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            bad("num_workers", f"must be auto or a count >= 0, got {self.num_workers!r}")
         if self.trains_prompt and self.epochs_prompt == 0:
             bad("epochs_prompt", f"is 0 but stage_mode {self.stage_mode} trains the prompt")
         if self.stage_mode != "prompt_only" and self.epochs_image == 0:
@@ -572,8 +574,16 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _check_type(key, value, inner[0])
+        for kind in inner:  # e.g. int | str: the first that takes the value
+            try:
+                return _check_type(key, value, kind)
+            except ConfigError:
+                pass
+        want = " or ".join(getattr(kind, "__name__", str(kind)) for kind in inner)
+        raise ConfigError(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

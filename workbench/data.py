@@ -299,15 +299,10 @@ class ReIDTransform:
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
         self._log_ratio = torch.log(torch.tensor(self.ERASE_RATIO))
-        self.generator: torch.Generator | None = None  # the stage's own (Loaders.augment_with); None: global
 
-    def _draws(self) -> torch.Generator | None:
-        # A worker process draws from its own global generator, which its loader seeds per worker:
-        # every worker's copy of the stage's generator would repeat the same numbers.
-        return self.generator if torch.utils.data.get_worker_info() is None else None
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        g = self._draws() if self.train else None
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``image`` transformed; training draws from ``generator`` (None: torch's global one)."""
+        g = generator
         if self.train:
             if self.flip_prob > 0 and torch.rand(1, generator=g) < self.flip_prob:
                 image = image.flip(-1)
@@ -415,10 +410,14 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """``item`` is an index, or (index, seed) from ``SeededBatches``: the transform then draws
+        from a generator seeded with it."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         record = self.records[index]
         image = self.images[record.path] if self.images is not None else decode(record.path, self.size)
-        return self.transform(image), self.labels[index], record.camid, index
+        draws = None if seed is None else torch.Generator().manual_seed(seed)
+        return self.transform(image, draws), self.labels[index], record.camid, index
 
 
 class IdentitySampler(Sampler[list[int]]):
@@ -492,6 +491,50 @@ class IdentitySampler(Sampler[list[int]]):
             yield batch
 
 
+class SeededBatches(Sampler[list[tuple[int, int]]]):
+    """``sampler``'s batches, each image paired with the seed of its augmentation: the seeds of
+    an epoch come from (``seed``, epoch) in the order of the global batches, and every image
+    draws its flip, crop and erasing from a generator of its own seeded with its seed.
+
+    So an image's augmentation depends on where the sampler put it, not on which process
+    transforms it: every ``num_workers`` gives the same batches bit for bit, a resumed run the
+    same epochs as an uninterrupted one, and DDP ranks (each yielding its share of a global
+    batch) the images a single process would make."""
+
+    STREAM = 0xA06  # keeps these draws apart from the sampler's own ((seed, epoch))
+
+    def __init__(self, sampler: IdentitySampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        sampler = self.sampler
+        rng = np.random.default_rng([self.seed, sampler.epoch, self.STREAM])
+        size = sampler.num_ids_per_batch * sampler.num_instances  # a global batch
+        for batch in sampler:
+            seeds = rng.integers(0, 2**63, size=size)
+            offset = sampler.which * len(batch) if sampler.ranks > 1 else 0
+            yield [(index, int(s)) for index, s in zip(batch, seeds[offset:offset + len(batch)])]
+
+
+def loader_workers(setting: int | str, *, on_gpu: bool, images_cached: bool, sharing: int = 1) -> int:
+    """DataLoader worker processes for ``num_workers`` ``setting``: a count as it is; ``auto``
+    from the cores this run may use (its share among ``sharing`` runs side by side, and among
+    DDP ranks: ``LOCAL_WORLD_SIZE``), one left to the training loop, at most 8, at least 1.
+    On the CPU with images in memory ``auto`` is 0: the
+    transforms then cost about 5% of a step (BENCHMARKS.md, "Data pipeline"), and a worker
+    would take a core from the step. The count never changes the numbers (``SeededBatches``)."""
+    if setting != "auto":
+        return int(setting)
+    if not on_gpu and images_cached:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cores // max(1, sharing) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, share - 1))
+
+
 @dataclass
 class Loaders:
     """Everything the stages need from the data."""
@@ -505,22 +548,20 @@ class Loaders:
     val_query: DataLoader | None = None  # None without validation; test transforms like query/gallery
     val_gallery: DataLoader | None = None
 
-    def augment_with(self, generator: torch.Generator | None) -> None:
-        """Training augmentation in this process draws from ``generator`` (None: the global one)."""
-        self.train.dataset.transform.generator = generator
 
-
-def test_loader(records: Sequence[Record], *, image_size: Sequence[int], batch_size: int, num_workers: int = 0,
-                pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD,
-                pin_memory: bool = False) -> DataLoader:
-    """The images of ``records`` in order, with test transforms (for feature extraction)."""
+def test_loader(records: Sequence[Record], *, image_size: Sequence[int], batch_size: int,
+                num_workers: int | str = 0, pixel_mean: Sequence[float] = CLIP_MEAN,
+                pixel_std: Sequence[float] = CLIP_STD, pin_memory: bool = False) -> DataLoader:
+    """The images of ``records`` in order, with test transforms (for feature extraction), each
+    decoded when read; ``pin_memory`` for a GPU."""
+    workers = loader_workers(num_workers, on_gpu=pin_memory, images_cached=False)
     return DataLoader(ImageDataset(records, build_transforms(image_size, False, mean=pixel_mean, std=pixel_std),
                                    size=image_size),
-                      batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+                      batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
 
 
 def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int, num_instances: int,
-                  test_batch_size: int, num_workers: int, seed: int, flip_prob: float = 0.5, pad: int = 10,
+                  test_batch_size: int, num_workers: int | str, seed: int, flip_prob: float = 0.5, pad: int = 10,
                   random_erasing: float = 0.5, pin_memory: bool = False,
                   pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD,
                   cache_images: bool = False, log: Callable[[str], None] | None = None,
@@ -529,7 +570,9 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
     ``shard`` = (ranks, this rank) under DDP: the training batches are this rank's share of each
     global batch, and the other loaders read this rank's contiguous share of their images.
     With ``cache_images`` every image is decoded once (``DecodedImages``) unless they would take
-    more than half of the memory available, which ``log`` then says."""
+    more than half of the memory available, which ``log`` then says. ``num_workers``: a count
+    or ``auto`` (``loader_workers``; ``pin_memory`` means a GPU); training augmentation is
+    seeded per image (``SeededBatches``), so the count never changes the numbers."""
     images = None
     if cache_images:
         paths = list(dict.fromkeys(r.path for r in [*data.train, *data.query, *data.gallery, *data.val_query,
@@ -551,7 +594,10 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
     index = data.class_to_idx
     ranks, which = shard
     sampler = IdentitySampler(data.train_labels, batch_size, num_instances, seed, ranks, which)
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    workers = loader_workers(num_workers, on_gpu=pin_memory, images_cached=images is not None)
+    if num_workers == "auto" and log is not None:
+        log(f"num_workers auto: {workers} loader worker process{'' if workers == 1 else 'es'}")
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
 
     # Every DataLoader iterator draws a seed for its workers; from a generator of its own, so that
     # whether a loader runs (features cached or not) never shifts the global RNG of training.
@@ -561,9 +607,9 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
         return DataLoader(dataset, batch_size=test_batch_size, **order,
                           generator=torch.Generator().manual_seed(seed), **common)
 
-    # each rank's workers augment with their own seeds
-    train = DataLoader(ImageDataset(data.train, train_tf, index, image_size, images), batch_sampler=sampler,
-                       generator=torch.Generator().manual_seed(seed + which), **common)
+    train = DataLoader(ImageDataset(data.train, train_tf, index, image_size, images),
+                       batch_sampler=SeededBatches(sampler, seed), generator=torch.Generator().manual_seed(seed),
+                       **common)
     val = data.has_validation
     return Loaders(train=train, train_eval=plain(data.train, index), query=plain(data.query, None),
                    gallery=plain(data.gallery, None), data=data, sampler=sampler,

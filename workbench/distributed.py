@@ -191,18 +191,6 @@ def broadcast_object(value):
     return box[0]
 
 
-def reseed_augmentation(seed: int, epoch: int, generator: torch.Generator | None = None) -> None:
-    """Ranks other than 0 draw their own augmentation: their random state (``generator``'s, the
-    stage's own, else the global one) is reset each epoch from (seed, rank, epoch), which a
-    resumed run reproduces. Rank 0 keeps the single-process stream."""
-    if active() and rank() > 0:
-        value = (seed * 1_000_003 + rank() * 7_919 + epoch) % 2**63
-        if generator is not None:
-            generator.manual_seed(value)
-        else:
-            torch.manual_seed(value)
-
-
 class _Step(nn.Module):
     """The modules that train in one stage; its forward runs the stage's step function, so DDP
     sees one forward (and one backward) per step."""

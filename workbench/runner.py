@@ -25,8 +25,8 @@ from . import config as config_module
 from . import distributed
 from .config import Config, build_filename
 from .errors import TrackingError, UsageError, os_error_message
-from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, records_digest, synthesize_dataset,
-                   test_loader)
+from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, loader_workers, records_digest,
+                   synthesize_dataset, test_loader)
 from .evaluation import evaluate_splits, mean_and_std
 from .pictures import pick_queries, plot_cmc, plot_ranked_lists, save_curves
 from .checkpoint import (GLOBAL_RNG, atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
@@ -60,6 +60,16 @@ def select_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise config_module.ConfigError(f"device: {name} requested but CUDA is not available")
     return distributed.device_for(device)
+
+
+def workers_side_by_side(cfg: Config, runs: int, device: str | None = None) -> int | str:
+    """``cfg.num_workers`` for one of ``runs`` runs side by side in this process (parallel trials
+    on ``device``, else the config's): ``auto`` resolved on each run's share of the cores
+    (``data.loader_workers``), a count as it is."""
+    if cfg.num_workers != "auto" or runs <= 1:
+        return cfg.num_workers
+    on_gpu = (device or cfg.device) != "cpu" and torch.cuda.is_available()
+    return loader_workers("auto", on_gpu=on_gpu, images_cached=cfg.cache_images, sharing=runs)
 
 
 def seed_everything(seed: int) -> None:

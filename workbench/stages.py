@@ -224,7 +224,6 @@ class ImageStageSettings:
     max_rank: int = 50
     val_every: int = 1
     val_start: int = 1
-    seed: int = 0  # under DDP, ranks other than 0 draw their augmentation from it
     global_batch: bool = True  # under DDP: losses on the gathered global batch (False: each rank's share)
 
     @classmethod
@@ -243,7 +242,7 @@ class ImageStageSettings:
                    train_feature=cfg.train_feature, pre_proj=cfg.test_feature == "proj_and_pre_proj",
                    eval_neck=cfg.eval_neck_feat, select_metric=cfg.select_metric, amp=cfg.amp,
                    log_every=cfg.log_every, max_rank=cfg.max_rank, val_every=cfg.val_every,
-                   val_start=cfg.val_start or 1, seed=cfg.seed,
+                   val_start=cfg.val_start or 1,
                    global_batch=cfg.ddp_global_batch)
 
     @property
@@ -549,7 +548,8 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
     is None); ``resume_from`` (such a file)
     restores the whole training state and goes on from the epoch after it. ``generator`` (the
     run's own, ``checkpoint.own_generator``; None: the global one) gives every random number the
-    stage draws: the centers' initial values and the augmentation. At the end the BEST
+    stage draws: the centers' initial values (the augmentation is seeded per image,
+    ``data.SeededBatches``). At the end the BEST
     and FINAL models are evaluated once on the test split. Returns ``best_*`` and ``final_*``
     (selection split), ``test_*`` (BEST on test), ``final_test_*`` (FINAL on test), ``best_epoch``,
     ``selection``, ``steps`` and ``seconds``."""
@@ -564,7 +564,6 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
                                 settings.warmup_factor, settings.lr_schedule, settings.lr_steps, settings.lr_gamma)
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features, generator).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
-    loaders.augment_with(generator)
     selection, test = eval_splits(loaders)
     book = Selection("image", settings.select_metric, selection, tracker, log, settings.epochs, settings.val_every,
                      settings.val_start)
@@ -646,7 +645,6 @@ def train_clipreid_image_stage(clip_model: nn.Module, prompt_learner: nn.Module 
 
     for epoch in range(first_epoch, settings.epochs):
         loaders.sampler.set_epoch(epoch)
-        distributed.reseed_augmentation(settings.seed, epoch, generator)
         clip_model.train()
         if prompt_learner is not None:
             prompt_learner.train()

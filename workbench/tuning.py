@@ -38,7 +38,7 @@ import torch
 from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
 from .errors import ResourceError, StorageError, StudyFailed, TrackingError, UsageError, os_error_message
-from .runner import FeatureCache, PromptStageCache, train_joint
+from .runner import FeatureCache, PromptStageCache, train_joint, workers_side_by_side
 from .tracking import MlflowTracker, RunStopped, machine_id, mark_stale_runs, on_this_machine, process_alive
 
 STUDIES_DIR = Path("studies")
@@ -789,6 +789,7 @@ class Study:
         """One trial: a complete run with the sampled values (on ``device`` when given)."""
         values = suggest_overrides(trial, self.tune.space)
         pinned = {"device": device} if device else {}
+        pinned["num_workers"] = workers_side_by_side(self.cfg, self.n_jobs, device)
         # Validations before the pruner's first judged epoch would only draw curve points (val_start)
         schedule = {} if self.cfg.val_start is not None or "val_start" in values else {
             "val_start": first_judged_epoch(self.pruner_name, self.cfg.epochs_image)}  # the pruner's, as built

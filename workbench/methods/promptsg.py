@@ -371,7 +371,6 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
                                 settings.warmup_factor, settings.lr_schedule, settings.lr_steps, settings.lr_gamma)
     center = CenterLoss(loaders.data.num_classes, clip_model.bottleneck.num_features, generator).to(device)
     optimizer_center = torch.optim.SGD(center.parameters(), lr=settings.center_lr)
-    loaders.augment_with(generator)
     selection, test = eval_splits(loaders)
     classes = loaders.data.class_to_idx
     book = Selection("promptsg", settings.select_metric, selection, tracker, log, settings.epochs,
@@ -411,7 +410,6 @@ def train_promptsg_stage(clip_model: nn.Module, loaders, settings: PromptSGSetti
     run = distributed.data_parallel([clip_model, center if losses.center else None], device)
     for epoch in range(first_epoch, settings.epochs):
         loaders.sampler.set_epoch(epoch)
-        distributed.reseed_augmentation(settings.seed, epoch, generator)
         clip_model.train()
         lr, lr_module = optimizer.param_groups[0]["lr"], optimizer.param_groups[module_group]["lr"]
         bar = tqdm(loaders.train, desc=f"promptsg {epoch + 1}/{settings.epochs}", unit="batch", dynamic_ncols=True,
