@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
           "torch": torch.__version__, "cuda": torch.version.cuda, "model": args.model,
           "image_size": list(args.image_size), "batch": args.batch, "workers": args.workers,
           "worker_processes": loader_workers(args.workers if args.workers == "auto" else int(args.workers),
-                                             on_gpu=device.type == "cuda", images_cached=True)})
+                                             on_gpu=device.type == "cuda")})
     with tempfile.TemporaryDirectory() as tmp:  # the goal first, then the sanity checks
         tmp = Path(tmp)
         emit(bare_step(args, device))

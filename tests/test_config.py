@@ -58,6 +58,9 @@ def test_overrides_are_yaml_scalars_and_keep_types():
     assert cfg.pretrained is None and cfg.image_size == [128, 64] and cfg.tune.metric == "best_rank1"
     assert config.load(None, ["lr=1"]).lr == 1.0  # an int where a float is expected is fine
     assert config.load(None).num_workers == "auto" and config.load(None, ["num_workers=3"]).num_workers == 3
+    for bad in ("num_workers=2.5", "num_workers=null", "num_workers=lots"):
+        with pytest.raises(ConfigError, match="^num_workers: must be auto or a count >= 0, got"):
+            config.load(None, [bad])
     with pytest.raises(ConfigError):
         config.load(None, ["nokeyvalue"])
 
@@ -126,7 +129,8 @@ def test_every_experiment_loads_with_a_holdout(path):
     assert cfg.has_holdout, f"{path} selects on the test split"
 
 
-@pytest.mark.parametrize("key", ["val_identities", "val_seed", "seed", "select_metric", "synth_identities"])
+@pytest.mark.parametrize("key", ["val_identities", "val_seed", "seed", "select_metric", "synth_identities",
+                                 "num_workers"])  # the worker count never changes a run's numbers
 def test_tuning_may_not_search_the_data_or_the_selection(key):
     with pytest.raises(ConfigError, match=f"^tune.space.{key}: not a tunable config key"):
         config.load(None, [f"tune.space={{{key}: {{type: int, low: 1, high: 3}}}}"])

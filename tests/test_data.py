@@ -378,22 +378,32 @@ def test_training_batches_do_not_depend_on_the_worker_count_or_on_resuming(synth
     assert len({main[0][0][0][i].sum().item() - untouched[i].sum().item() for i in range(8)}) > 1  # per image
 
 
-@pytest.mark.parametrize("setting, on_gpu, cached, sharing, ranks, cores, expected", [
-    (3, True, True, 1, 1, 16, 3),  # a count is a count
-    ("auto", False, True, 1, 1, 16, 0),  # CPU with images in memory: the step gets every core
-    ("auto", False, False, 1, 1, 16, 8),  # decoding on every read: workers, at most 8
-    ("auto", True, True, 1, 1, 16, 8),
-    ("auto", True, True, 1, 1, 6, 5),  # one core left to the training loop
-    ("auto", True, True, 2, 1, 6, 2),  # two trials side by side share the cores
-    ("auto", True, True, 1, 4, 16, 3),  # four DDP ranks on the machine
-    ("auto", True, True, 1, 1, 1, 1),  # never 0 where workers are wanted
+@pytest.mark.parametrize("setting, on_gpu, sharing, ranks, cores, expected", [
+    (3, True, 1, 1, 16, 3),  # a count is a count
+    (3, False, 1, 1, 16, 3),
+    ("auto", False, 1, 1, 16, 0),  # the CPU: the model computes on the cores a worker would take
+    ("auto", True, 1, 1, 16, 8),  # a GPU: at most 8
+    ("auto", True, 1, 1, 6, 5),  # one core left to the training loop
+    ("auto", True, 2, 1, 6, 2),  # two trials side by side share the cores
+    ("auto", True, 1, 4, 16, 3),  # four DDP ranks on the machine
+    ("auto", True, 1, 1, 1, 1),  # never 0 where workers are wanted
 ])
-def test_num_workers_auto_takes_the_cores_it_may_use(monkeypatch, setting, on_gpu, cached, sharing, ranks, cores,
-                                                     expected):
+def test_num_workers_auto_takes_the_cores_it_may_use(monkeypatch, setting, on_gpu, sharing, ranks, cores, expected):
     import os
 
     from workbench.data import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
-    assert loader_workers(setting, on_gpu=on_gpu, images_cached=cached, sharing=sharing) == expected
+    assert loader_workers(setting, on_gpu=on_gpu, sharing=sharing) == expected
+
+
+def test_only_loaders_read_every_epoch_keep_their_workers(synth_root):
+    kwargs = dict(image_size=(64, 32), batch_size=8, num_instances=2, test_batch_size=16, seed=0, num_workers=1)
+    loaders = build_loaders(load_reid_dataset(synth_root, val_identities=2), **kwargs)
+    every_epoch = {name for name in ("train", "train_eval", "query", "gallery", "val_query", "val_gallery")
+                   if getattr(loaders, name).persistent_workers}
+    assert every_epoch == {"train", "val_query", "val_gallery"}
+    plain = build_loaders(load_reid_dataset(synth_root), **kwargs)  # no hold-out: the test split selects
+    assert plain.query.persistent_workers and plain.gallery.persistent_workers
+    assert not build_loaders(load_reid_dataset(synth_root), **{**kwargs, "num_workers": 0}).train.persistent_workers

@@ -75,6 +75,7 @@ def test_ranks_augment_each_image_as_a_single_process_does():
         pairs = list(whole)
         seeds.append({seed for batch in pairs for _, seed in batch})
         assert len(seeds[-1]) == sum(map(len, pairs))  # one seed per image
+        assert all(0 <= seed < 2**32 for seed in seeds[-1])  # what a CPU generator keeps of its seed
         for batch, first, second in zip(pairs, *ranks, strict=True):
             assert first + second == batch
     assert not seeds[0] & seeds[1]  # another epoch, other seeds

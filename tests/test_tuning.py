@@ -934,3 +934,18 @@ def test_prune_replay_bench_replays_a_sequential_study_exactly(tmp_path, capsys,
     assert out[1].startswith("median: ") and "(+0 saved)" in out[1] and f"{complete} complete" in out[1]
     assert [line.split(":")[0] for line in out if not line.startswith("    ")][2:] == [
         "median + out of reach, margin 1x", "median + out of reach, margin 2x"]
+
+
+def test_parallel_trials_share_the_cores_for_their_loader_workers(tiny_config, monkeypatch):
+    import os
+
+    from workbench.runner import workers_side_by_side
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    auto = config.replace(tiny_config, num_workers="auto", device="auto")
+    assert workers_side_by_side(auto, 1) == "auto"  # one run: it resolves auto itself, with every core
+    assert workers_side_by_side(auto, 2) == 7 and workers_side_by_side(auto, 4, "cuda:1") == 3
+    assert workers_side_by_side(auto, 2, "cpu") == 0  # on the CPU the trials' threads take the cores
+    assert workers_side_by_side(config.replace(auto, num_workers=5), 4) == 5  # a count is the config's

@@ -58,17 +58,21 @@ PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random", "cmaes")
 _SPEC_KEYS = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
               "categorical": {"type", "choices"}}
-# Keys a study may not search: bookkeeping, and what defines the data or the selection split (trials
-# scored on different held-out identities, or by different metrics, are not comparable).
+# Keys a study may not search: bookkeeping (num_workers never changes a run's numbers), and what
+# defines the data or the selection split (trials scored on different held-out identities, or by
+# different metrics, are not comparable).
 _UNTUNABLE = {"tune", "experiment", "output_dir", "tracking_uri", "data_root", "device", "seed", "val_identities",
               "val_seed", "select_metric", "synthesize_if_missing", "synth_identities", "synth_test_identities",
               "synth_images_per_identity", "split", "dataset_format", "system_metrics",
-              "system_metrics_interval"}
+              "system_metrics_interval", "num_workers"}
 
 
 def _check_search_dimension(name: str, spec) -> None:
     where = f"space.{name}"
-    if name in _UNTUNABLE or name not in {f.name for f in dataclasses.fields(Config)}:
+    if name in _UNTUNABLE:
+        raise ConfigError(f"{where}: not a tunable config key ({name} is bookkeeping, or defines the data or the "
+                          f"selection split)")
+    if name not in {f.name for f in dataclasses.fields(Config)}:
         close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(Config)], n=1)
         raise ConfigError(f"{where}: not a tunable config key" + (f"; did you mean {close[0]}?" if close else ""))
     if not isinstance(spec, dict) or spec.get("type") not in _SPEC_KEYS:
@@ -241,7 +245,7 @@ class Config:
     test_batch_size: int = 128
     """Batch size for feature extraction."""
     num_workers: int | str = "auto"
-    """DataLoader worker processes, or auto: from the cores (0 on the CPU with images in memory; else cores - 1, at most 8). Never changes the numbers."""
+    """DataLoader worker processes, or auto: 0 on the CPU; on a GPU the cores less one (shared among DDP ranks and parallel trials), 1-8. Never changes the numbers."""
     cache_images: bool = True
     """Decode and resize every image once per run and keep it in memory (uint8; not when it would take over half the free memory)."""
     flip_prob: float = 0.5
@@ -567,6 +571,9 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_UNION_WANTS = {"num_workers": "must be auto or a count >= 0"}  # what a key of several types takes, in words
+
+
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return value coerced to the annotation (int -> float only), or raise ConfigError."""
     origin = typing.get_origin(annotation)
@@ -582,8 +589,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 return _check_type(key, value, kind)
             except ConfigError:
                 pass
-        want = " or ".join(getattr(kind, "__name__", str(kind)) for kind in inner)
-        raise ConfigError(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
+        want = _UNION_WANTS.get(key) or "expected " + " or ".join(getattr(k, "__name__", str(k)) for k in inner)
+        raise ConfigError(f"{key}: {want}, got {type(value).__name__} {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

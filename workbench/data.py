@@ -514,21 +514,22 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
         rng = np.random.default_rng([self.seed, sampler.epoch, self.STREAM])
         size = sampler.num_ids_per_batch * sampler.num_instances  # a global batch
         for batch in sampler:
-            seeds = rng.integers(0, 2**63, size=size)
+            seeds = rng.integers(0, 2**63, size=size) & 0xFFFFFFFF  # a CPU generator keeps 32 bits of its seed
             offset = sampler.which * len(batch) if sampler.ranks > 1 else 0
             yield [(index, int(s)) for index, s in zip(batch, seeds[offset:offset + len(batch)])]
 
 
-def loader_workers(setting: int | str, *, on_gpu: bool, images_cached: bool, sharing: int = 1) -> int:
+def loader_workers(setting: int | str, *, on_gpu: bool, sharing: int = 1) -> int:
     """DataLoader worker processes for ``num_workers`` ``setting``: a count as it is; ``auto``
-    from the cores this run may use (its share among ``sharing`` runs side by side, and among
-    DDP ranks: ``LOCAL_WORLD_SIZE``), one left to the training loop, at most 8, at least 1.
-    On the CPU with images in memory ``auto`` is 0: the
-    transforms then cost about 5% of a step (BENCHMARKS.md, "Data pipeline"), and a worker
-    would take a core from the step. The count never changes the numbers (``SeededBatches``)."""
+    on a GPU from the cores this run may use (its share among ``sharing`` runs side by side, and
+    among DDP ranks: ``LOCAL_WORLD_SIZE``), one left to the training loop, at most 8, at least 1.
+    On the CPU ``auto`` is 0: the model computes on the cores a worker would take (with images
+    in memory the transforms cost about 5% of a step, BENCHMARKS.md "Data pipeline"; ``workbench
+    eval`` of the quickstart took 7.5-7.6 s with one worker against 7.0-7.2 s with none). The
+    count never changes the numbers (``SeededBatches``)."""
     if setting != "auto":
         return int(setting)
-    if not on_gpu and images_cached:
+    if not on_gpu:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = cores // max(1, sharing) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -554,7 +555,7 @@ def test_loader(records: Sequence[Record], *, image_size: Sequence[int], batch_s
                 pixel_std: Sequence[float] = CLIP_STD, pin_memory: bool = False) -> DataLoader:
     """The images of ``records`` in order, with test transforms (for feature extraction), each
     decoded when read; ``pin_memory`` for a GPU."""
-    workers = loader_workers(num_workers, on_gpu=pin_memory, images_cached=False)
+    workers = loader_workers(num_workers, on_gpu=pin_memory)
     return DataLoader(ImageDataset(records, build_transforms(image_size, False, mean=pixel_mean, std=pixel_std),
                                    size=image_size),
                       batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
@@ -594,27 +595,29 @@ def build_loaders(data: ReIDData, *, image_size: Sequence[int], batch_size: int,
     index = data.class_to_idx
     ranks, which = shard
     sampler = IdentitySampler(data.train_labels, batch_size, num_instances, seed, ranks, which)
-    workers = loader_workers(num_workers, on_gpu=pin_memory, images_cached=images is not None)
+    workers = loader_workers(num_workers, on_gpu=pin_memory)
     if num_workers == "auto" and log is not None:
         log(f"num_workers auto: {workers} loader worker process{'' if workers == 1 else 'es'}")
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=pin_memory)
 
     # Every DataLoader iterator draws a seed for its workers; from a generator of its own, so that
     # whether a loader runs (features cached or not) never shifts the global RNG of training.
-    def plain(records, labels):
+    # Workers stay up between epochs for the loaders read every epoch (training, the selection
+    # split); the others (features, the test split) read once or twice and let theirs go.
+    def plain(records, labels, every_epoch=False):
         dataset = ImageDataset(records, test_tf, labels, image_size, images)
         order = dict(sampler=ShardSampler(len(dataset), ranks, which)) if ranks > 1 else dict(shuffle=False)
-        return DataLoader(dataset, batch_size=test_batch_size, **order,
+        return DataLoader(dataset, batch_size=test_batch_size, **order, persistent_workers=every_epoch and workers > 0,
                           generator=torch.Generator().manual_seed(seed), **common)
 
     train = DataLoader(ImageDataset(data.train, train_tf, index, image_size, images),
                        batch_sampler=SeededBatches(sampler, seed), generator=torch.Generator().manual_seed(seed),
-                       **common)
+                       persistent_workers=workers > 0, **common)
     val = data.has_validation
-    return Loaders(train=train, train_eval=plain(data.train, index), query=plain(data.query, None),
-                   gallery=plain(data.gallery, None), data=data, sampler=sampler,
-                   val_query=plain(data.val_query, None) if val else None,
-                   val_gallery=plain(data.val_gallery, None) if val else None)
+    return Loaders(train=train, train_eval=plain(data.train, index), query=plain(data.query, None, not val),
+                   gallery=plain(data.gallery, None, not val), data=data, sampler=sampler,  # selection without val
+                   val_query=plain(data.val_query, None, every_epoch=True) if val else None,
+                   val_gallery=plain(data.val_gallery, None, every_epoch=True) if val else None)
 
 
 def _available_memory() -> int | None:

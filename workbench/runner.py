@@ -69,7 +69,7 @@ def workers_side_by_side(cfg: Config, runs: int, device: str | None = None) -> i
     if cfg.num_workers != "auto" or runs <= 1:
         return cfg.num_workers
     on_gpu = (device or cfg.device) != "cpu" and torch.cuda.is_available()
-    return loader_workers("auto", on_gpu=on_gpu, images_cached=cfg.cache_images, sharing=runs)
+    return loader_workers("auto", on_gpu=on_gpu, sharing=runs)
 
 
 def seed_everything(seed: int) -> None:

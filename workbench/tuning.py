@@ -789,7 +789,8 @@ class Study:
         """One trial: a complete run with the sampled values (on ``device`` when given)."""
         values = suggest_overrides(trial, self.tune.space)
         pinned = {"device": device} if device else {}
-        pinned["num_workers"] = workers_side_by_side(self.cfg, self.n_jobs, device)
+        if self.n_jobs > 1 and self.cfg.num_workers == "auto":
+            pinned["num_workers"] = workers_side_by_side(self.cfg, self.n_jobs, device)
         # Validations before the pruner's first judged epoch would only draw curve points (val_start)
         schedule = {} if self.cfg.val_start is not None or "val_start" in values else {
             "val_start": first_judged_epoch(self.pruner_name, self.cfg.epochs_image)}  # the pruner's, as built
