@@ -103,3 +103,25 @@ def test_tracking_and_tune_cost_benches_run(tmp_path, monkeypatch, capsys):
     assert tune.main([a for o in tiny for a in ("--both", o)] + ["--trials", "2", "--config", quickstart]) == 0
     out = capsys.readouterr().out
     assert "before" in out and "2 trials of" in out
+
+
+def test_study_time_splits_a_finished_study(tmp_path, monkeypatch, capsys):
+    from workbench import config
+    from workbench.tuning import TuneOptions, run_study
+
+    quickstart = str(BENCH.parent / "experiments" / "quickstart.yaml")
+    cfg = config.load(quickstart, [f"data_root={tmp_path / 'hands'}", *TINY, "epochs_prompt=1", "epochs_image=3",
+                                   f"output_dir={tmp_path / 'runs'}", "save_checkpoints=false", "val_start=1"])
+    monkeypatch.chdir(tmp_path)
+    options = TuneOptions(trials=2, study_name="s", storage=str(tmp_path / "s.journal"), n_jobs=1,
+                          tracking_uri=f"sqlite:///{tmp_path / 's.db'}")
+    run_study(cfg, options, log=lambda line: None, studies_dir=tmp_path / "studies")
+    capsys.readouterr()
+    load("study_time", monkeypatch).main(["--journal", str(tmp_path / "s.journal"), "--study", "s",
+                                          "--runs", str(tmp_path / "runs"), "--n-jobs", "1"])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out[1:3]]
+    assert [row[:3] for row in rows] == [["0", "COMPLETE", "3"], ["1", "COMPLETE", "3"]]
+    assert out[4].startswith("study: 2 trials in") and "6 image epochs" in out[4]
+    shares = {line.split()[0]: float(line.split()[-1].rstrip("%")) for line in out[5:8]}
+    assert shares["epochs"] > 0 and abs(sum(shares.values()) + float(out[8].split()[3].rstrip("%")) - 100) < 0.5
