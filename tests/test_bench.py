@@ -106,22 +106,35 @@ def test_tracking_and_tune_cost_benches_run(tmp_path, monkeypatch, capsys):
 
 
 def test_study_time_splits_a_finished_study(tmp_path, monkeypatch, capsys):
-    from workbench import config
-    from workbench.tuning import TuneOptions, run_study
+    """Two trials written as a study would write them (journal times, log lines), with round
+    numbers: the split is arithmetic on them."""
+    import datetime
 
-    quickstart = str(BENCH.parent / "experiments" / "quickstart.yaml")
-    cfg = config.load(quickstart, [f"data_root={tmp_path / 'hands'}", *TINY, "epochs_prompt=1", "epochs_image=3",
-                                   f"output_dir={tmp_path / 'runs'}", "save_checkpoints=false", "val_start=1"])
-    monkeypatch.chdir(tmp_path)
-    options = TuneOptions(trials=2, study_name="s", storage=str(tmp_path / "s.journal"), n_jobs=1,
-                          tracking_uri=f"sqlite:///{tmp_path / 's.db'}")
-    run_study(cfg, options, log=lambda line: None, studies_dir=tmp_path / "studies")
-    capsys.readouterr()
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.create_study(study_name="s", direction="maximize",
+                                storage=JournalStorage(JournalFileBackend(str(tmp_path / "s.journal"))))
+    t0 = datetime.datetime(2026, 11, 30, 10, 0, 0)
+    # trial: (state, its end in s, the seconds of its epoch lines 1, 2, ...)
+    plan = {0: (optuna.trial.TrialState.COMPLETE, 50, [12, 22, 32, 42]),
+            1: (optuna.trial.TrialState.PRUNED, 30, [15, 25])}
+    for number, (state, end, lines) in plan.items():
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=number, trial_id=number, state=state, value=1.0 if state.name == "COMPLETE" else None,
+            datetime_start=t0, datetime_complete=t0 + datetime.timedelta(seconds=end), params={}, distributions={},
+            user_attrs={}, system_attrs={}, intermediate_values={len(lines): 1.0}))
+        log = tmp_path / "runs" / f"s_trial{number}" / "run" / "run.log"
+        log.parent.mkdir(parents=True)
+        log.write_text("".join(f"{t0 + datetime.timedelta(seconds=sec):%Y-%m-%d %H:%M:%S} image epoch {e}/4: loss 1\n"
+                               for e, sec in enumerate(lines, 1)))
     load("study_time", monkeypatch).main(["--journal", str(tmp_path / "s.journal"), "--study", "s",
-                                          "--runs", str(tmp_path / "runs"), "--n-jobs", "1"])
+                                          "--runs", str(tmp_path / "runs"), "--n-jobs", "2"])
     out = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in out[1:3]]
-    assert [row[:3] for row in rows] == [["0", "COMPLETE", "3"], ["1", "COMPLETE", "3"]]
-    assert out[4].startswith("study: 2 trials in") and "6 image epochs" in out[4]
-    shares = {line.split()[0]: float(line.split()[-1].rstrip("%")) for line in out[5:8]}
-    assert shares["epochs"] > 0 and abs(sum(shares.values()) + float(out[8].split()[3].rstrip("%")) - 100) < 0.5
+    assert out[1].split() == ["0", "COMPLETE", "4", "50.0", "2.0", "40.0", "10.00", "8.0"]  # setup 12 - one epoch
+    assert out[2].split() == ["1", "PRUNED", "2", "30.0", "5.0", "20.0", "10.00", "5.0"]
+    assert out[4] == "study: 2 trials in 50 s on 2 slots; 6 image epochs (10.00 s each in a slot)"
+    shares = {line.split()[0]: line.split()[1:4:2] for line in out[5:9]}  # 100 slot-seconds in all
+    assert shares == {"epochs": ["60", "60.0%"], "setup": ["7", "7.0%"], "end": ["13", "13.0%"],
+                      "idle": ["20", "20.0%"]}
