@@ -126,7 +126,9 @@ def stage1(args, device: torch.device, fast: bool) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
-def stage2(args, device: torch.device, fast: bool) -> dict:
+def stage2_step(args, device: torch.device, fast: bool):
+    """The stage-2 step (workbench's when ``fast``, else the baseline's) on the model and tensors it
+    builds, as a function of no arguments."""
     torch.manual_seed(0)
     model = load_clip_with_patch(args.model, device, pretrained=None, image_size=args.image_size)
     learner = PromptLearner([str(i) for i in range(args.classes)], model, args.n_ctx, model_name=args.model)
@@ -178,7 +180,11 @@ def stage2(args, device: torch.device, fast: bool) -> dict:
             center_opt.step()
             [x.item() for x in (loss, *parts, feats_bn.norm(dim=1).mean(), logits.softmax(1).amax(1).mean())]
 
-    seconds = timed(step, args.steps, args.warmup, device)
+    return step
+
+
+def stage2(args, device: torch.device, fast: bool) -> dict:
+    seconds = timed(stage2_step(args, device, fast), args.steps, args.warmup, device)
     return {"images_per_s": args.steps * args.batch / seconds, "seconds": seconds,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 

@@ -138,3 +138,20 @@ def test_study_time_splits_a_finished_study(tmp_path, monkeypatch, capsys):
     shares = {line.split()[0]: line.split()[1:4:2] for line in out[5:9]}  # 100 slot-seconds in all
     assert shares == {"epochs": ["60", "60.0%"], "setup": ["7", "7.0%"], "end": ["13", "13.0%"],
                       "idle": ["20", "20.0%"]}
+
+
+def test_step_floor_accounts_for_the_profiled_step(tmp_path, monkeypatch, capsys):
+    """bench/step_floor.py: every profiled op lands in one kind, the kinds add up to the profiled
+    step, and each of the step's matrix-product shapes and its attention are timed alone."""
+    bench = load("step_floor", monkeypatch)
+    out = tmp_path / "floor.json"
+    assert bench.main(["--steps", "1", "--warmup", "1", "--profile-steps", "1", "--reps", "1", "--out", str(out)]) == 0
+    numbers = json.loads(out.read_text())
+    kinds = numbers["ms_per_step_by_kind"]
+    assert set(kinds) == {"matrix products", "attention", "GELU", "layer norm", "copies and fills", "rest"}
+    assert sum(kinds.values()) == pytest.approx(numbers["profiled_ms_per_step"])
+    assert numbers["step"]["gflop"] > 1 and numbers["matmuls_alone"]["ms_per_step"] > 0
+    assert numbers["attention_calls_per_step"] == 3  # wb-tiny's three layers, once each per step
+    assert set(numbers["attention_alone_ms_per_step"]) == {"flash", "math"}
+    assert "matrix products alone" in capsys.readouterr().out
+    assert bench.kind_of("aten::addmm") == "matrix products" and bench.kind_of("aten::lerp_") == "rest"
