@@ -77,7 +77,8 @@ def bare_step(args, device: torch.device) -> dict:
 
 def run_config(args, tmp: Path, amp: bool) -> config.Config:
     return config.load(QUICKSTART, [
-        f"data_root={tmp / 'synthetic'}", f"output_dir={tmp / 'runs'}", f"device={args.device}", f"amp={str(amp).lower()}",
+        f"data_root={tmp / 'synthetic'}", "synthesize_if_missing=false", f"output_dir={tmp / 'runs'}",
+        f"device={args.device}", f"amp={str(amp).lower()}",
         f"model_type={args.model}", f"image_size=[{args.image_size[0]}, {args.image_size[1]}]",
         f"batch_size={args.batch}", "num_instances=4", f"n_ctx={args.n_ctx}", f"num_workers={args.workers}",
         f"val_identities={args.val_identities}", "epochs_prompt=1", f"epochs_image={args.epochs}", "warmup_epochs=0",

@@ -44,6 +44,11 @@ def test_unknown_key_suggests_closest(tmp_path):
     ("tune.heartbeat_interval=0", "tune.heartbeat_interval"), ("tune.grace_period=30", "tune.grace_period"),
     ("tune.retry_failed=-1", "tune.retry_failed"),
     ("num_workers=-1", "num_workers"), ("num_workers=many", "num_workers"), ("num_workers=2.5", "num_workers"),
+    # values numpy, torch or the transforms would refuse mid-run, or take without a word
+    ("lr=.nan", "lr"), ("center_loss_weight=.inf", "center_loss_weight"), ("arcface_margin=.inf", "arcface_margin"),
+    ("pixel_mean=[.nan, 0.5, 0.5]", "pixel_mean"), ("seed=-1", "seed"), ("seed=4294967296", "seed"),
+    ("val_seed=-1", "val_seed"), ("pad=-1", "pad"), ("pad=1000", "pad"),
+    ("tune.space={lr: {type: float, low: .nan, high: 1}}", "tune.space.lr"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -77,8 +82,23 @@ def test_config_is_frozen_and_replace_validates():
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder; give an experiment YAML file"):
+        config.load(tmp_path)
     with pytest.raises(ConfigError, match="mapping"):
         config.load(write(tmp_path, "- a\n- b\n"))
+    # a key given twice would let the later value win without a word, at any depth
+    with pytest.raises(ConfigError, match="at line 3, column 1: key 'lr' appears twice"):
+        config.load(write(tmp_path, "lr: 1.0e-3\nn_ctx: 4\nlr: 2.0e-3\n"))
+    with pytest.raises(ConfigError, match="key 'metric' appears twice"):
+        config.load(write(tmp_path, "tune:\n  metric: best_mAP\n  metric: best_rank1\n"))
+
+
+def test_limits_and_their_wording():
+    assert config.load(None, ["seed=4294967295", "weight_decay=0", "pad=0", "eta_min=0"]).seed == 2**32 - 1
+    with pytest.raises(ConfigError, match=r"^weight_decay: must be >= 0, got -1.0$"):
+        config.load(None, ["weight_decay=-1"])
+    with pytest.raises(ConfigError, match=r"^lr: must be a finite number, got nan$"):
+        config.load(None, ["lr=.nan"])
 
 
 def test_build_filename_carries_every_part():

@@ -88,7 +88,7 @@ def test_configs_that_ranks_cannot_run_are_one_line_before_launching(tiny_config
     for bad, expected in ((["--set", "batch_size=6"], "batch_size: 6 holds 3 identities"),
                           (["--set", "image_size=[64]"], "image_size")):
         args = ["run", "experiments/quickstart.yaml", "--nproc", "2", "--set", f"data_root={tiny_config.data_root}",
-                "--set", "num_instances=2", *bad]
+                "--set", "num_instances=2", "--set", "synthesize_if_missing=false", *bad]
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err

@@ -10,8 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from workbench import config
+from workbench import config, runner
 from workbench.cli import main
+from workbench.data import synthesize_dataset
 from workbench.runner import train_joint
 from workbench.tracking import MlflowTracker, machine_id, mark_stale_runs, stale_reason
 
@@ -322,12 +323,12 @@ def test_data_synth_refuses_an_existing_folder_before_rendering(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "file"]  # no .partial
 
 
-def test_ui_refuses_a_taken_port(tmp_path, capsys):
+def test_ui_refuses_a_taken_port(tmp_path, capsys, new_store):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'u.db'}", "--port", str(port)]) == 1
+        assert main(["ui", "--tracking-uri", new_store(tmp_path / "u.db"), "--port", str(port)]) == 1
     assert one_error_line(capsys).startswith(f"port {port} on 127.0.0.1 is not free")
 
 
@@ -354,7 +355,7 @@ def test_no_unsafe_loading_or_shell_in_the_package():
                 assert keywords.get("shell", "False") == "False", (path.name, node.lineno)
 
 
-def test_ui_binds_to_this_machine_only_unless_asked(tmp_path, monkeypatch):
+def test_ui_binds_to_this_machine_only_unless_asked(tmp_path, monkeypatch, new_store):
     import subprocess
 
     started = []
@@ -372,7 +373,7 @@ def test_ui_binds_to_this_machine_only_unless_asked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", Exited)
     monkeypatch.setattr(os, "killpg", lambda *a: None)
-    uri = f"sqlite:///{tmp_path / 'u.db'}"
+    uri = new_store(tmp_path / "u.db")
     assert main(["ui", "--tracking-uri", uri, "--port", "0"]) == 0
     assert main(["ui", "--tracking-uri", uri, "--port", "0", "--host", "0.0.0.0"]) == 0
     hosts = [args[args.index("--host") + 1] for args in started]
@@ -397,6 +398,23 @@ def test_compare_takes_any_study_name(tmp_path, capsys):
     for out in (tmp_path, tmp_path / "nowhere" / "c.csv"):
         assert main(["compare", "--tracking-uri", uri, "--out", str(out)]) == 2
         assert one_error_line(capsys).startswith(f"--out {out}: ")
+    assert main(["compare", "--tracking-uri", uri, "--metric", "best_mAp"]) == 2  # would sort on nothing
+    assert one_error_line(capsys) == "--metric best_mAp: no run here logged it; they logged best_mAP"
+
+
+def test_commands_that_only_read_create_nothing(tmp_path, capsys, monkeypatch, new_store):
+    """A mistyped store, study, run folder or checkpoint is one line naming it, and leaves no file."""
+    monkeypatch.chdir(tmp_path)
+    store = new_store(tmp_path / "store.db")
+    assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}", "--port", "0"]) == 2
+    assert "no such database file" in one_error_line(capsys)
+    assert main(["ui", "--tracking-uri", store, "--study", "typo", "--port", "0"]) == 2
+    assert one_error_line(capsys).startswith("studies/typo.journal: not found; name a study")
+    assert main(["resume", str(tmp_path / "typo_run")]) == 2
+    assert one_error_line(capsys) == f"run folder not found: {tmp_path / 'typo_run'}"
+    assert main(["eval", "--checkpoint", str(tmp_path / "typo.pth")]) == 2
+    assert one_error_line(capsys) == f"checkpoint not found: {tmp_path / 'typo.pth'}"
+    assert {p.name for p in tmp_path.iterdir()} <= {"store.db", "store.db.lock"}  # the lock: opening store.db
 
 
 def test_output_dir_that_cannot_be_written_is_one_line(tiny_config, tmp_path, capsys, monkeypatch):
@@ -443,7 +461,7 @@ def test_a_real_tracking_server_going_away_and_coming_back(tiny_config, tmp_path
                 stop_server(server)
 
 
-def test_resume_looks_before_it_reopens_the_run(interrupted_run, tiny_config, tmp_path, capsys):
+def test_resume_looks_before_it_reopens_the_run(interrupted_run, tiny_config, tmp_path, capsys, new_store):
     """A torn LAST checkpoint, a store without the run, a tuning trial: refused, the record untouched."""
     import json
     import shutil
@@ -462,7 +480,9 @@ def test_resume_looks_before_it_reopens_the_run(interrupted_run, tiny_config, tm
     assert "is not a readable checkpoint" in one_error_line(capsys)
     after = client.get_run(run_id).info
     assert (after.status, after.end_time) == (before.status, before.end_time) == ("KILLED", before.end_time)
-    assert main(["resume", str(run_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}"]) == 2
+    assert main(["resume", str(run_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}"]) == 2
+    assert "no such database file" in one_error_line(capsys) and not (tmp_path / "typo.db").exists()
+    assert main(["resume", str(run_dir), "--tracking-uri", new_store(tmp_path / "other.db")]) == 2
     assert f"the MLflow run {run_id} of {run_dir} is not in" in one_error_line(capsys)
     client.set_tag(run_id, "workbench.role", "trial")
     client.set_tag(run_id, "study_name", "s")
@@ -487,3 +507,45 @@ def test_ui_refuses_bad_ports_and_stores(tmp_path, capsys):
     assert stop.value.code == 2 and "a port is 0-65535, got 99999" in capsys.readouterr().err
     assert main(["ui", "--tracking-uri", "bogus://x", "--port", "0"]) == 2
     assert one_error_line(capsys).startswith("tracking store bogus://x: unknown scheme")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_the_resume_starts_over(tiny_config, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_clipreid_prompt_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_joint(tiny_config)
+    (run_dir,) = Path(tiny_config.output_dir).iterdir()
+    last = next(run_dir.glob("*.log")).read_text().strip().splitlines()[-1]
+    assert last.endswith(f"run interrupted; no checkpoint yet, so workbench resume {run_dir} starts it over in its "
+                         f"folder and MLflow run")
+
+
+def test_a_synthetic_data_root_made_with_other_settings_is_refused(tmp_path, capsys):
+    """The synth_* keys a run logs must be the data it trains on: a synthetic dataset already in
+    data_root made with other ones is one line before any run folder (seed and size may differ)."""
+    root = tmp_path / "hands"
+    synthesize_dataset(root, identities=6, images_per_identity=3, seed=3, size=(64, 32), test_identities=2)
+    assert not (tmp_path / "hands.lock").exists()
+    same = ["--set", f"data_root={root}", "--set", "synth_identities=6", "--set", "synth_images_per_identity=3",
+            "--set", "synth_test_identities=2", "--set", "seed=1", "--set", "image_size=[128, 64]"]
+    cfg = config.load("experiments/quickstart.yaml", [a for a in same if a != "--set"])
+    runner.preflight(cfg)  # the dataset's own seed and size are not compared
+    runs = tmp_path / "runs"
+    assert main(["run", "experiments/quickstart.yaml", *same[:-4], "--set", "synth_identities=40",
+                 "--set", f"output_dir={runs}", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    assert one_error_line(capsys) == (
+        f"data_root: {root} holds a synthetic dataset made with synth_identities 6 (the config says 40); give "
+        f"another data_root, delete {root} to make it anew, or set synthesize_if_missing: false to train on it as it "
+        f"is")
+    assert not runs.exists() and not (tmp_path / "m.db").exists()
+
+
+def test_the_generation_lock_goes_once_the_dataset_is_there(tmp_path):
+    """An interrupted generation leaves its lock file; the run that makes the dataset removes it."""
+    cfg = config.load("experiments/quickstart.yaml", [f"data_root={tmp_path / 'hands'}", "synth_identities=4",
+                                                     "synth_images_per_identity=2", "synth_test_identities=2"])
+    (tmp_path / "hands.lock").write_text("")  # left by a generation that was killed
+    runner.ensure_dataset(cfg, log=lambda _: None)
+    assert (tmp_path / "hands" / "train").is_dir() and not (tmp_path / "hands.lock").exists()

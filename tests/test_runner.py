@@ -152,6 +152,11 @@ def test_config_mistakes_exit_2_before_a_run_exists(tiny_config, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.strip() == ("workbench: error: data_root: dataset folder not found: /nonexistent (set data_root, or "
                            "synthesize_if_missing: true for the synthetic dataset)")
+    (tmp_path / "empty").mkdir()  # a folder, but not a dataset
+    assert main(["run", str(cfg_path), "--set", f"data_root={tmp_path / 'empty'}", "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"workbench: error: data_root: {tmp_path / 'empty'} has no train/ folder: not a dataset in the folder layout "
+        f"(train/, query/, gallery/ of identity folders; or Market-1501's bounding_box_train/)")
     experiment = MlflowClient(uri).get_experiment_by_name("quickstart")
     assert experiment is None or not MlflowClient(uri).search_runs([experiment.experiment_id])
     assert not Path(tiny_config.output_dir).exists()

@@ -14,8 +14,8 @@ from workbench import config
 from workbench.cli import main
 from workbench import tuning
 from workbench.errors import ResourceError, UsageError
-from workbench.tuning import (FAULT, INTERRUPTED, WORKER_ENDED, Study, TuneOptions, check_study_name, run_study,
-                              storage_for, suggest_overrides)
+from workbench.tuning import (FAULT, INTERRUPTED, WORKER_ENDED, Study, TuneOptions, check_space_ends, check_study_name,
+                              run_study, storage_for, suggest_overrides)
 
 FAST = ["epochs_prompt=1", "epochs_image=2", "save_checkpoints=true"]
 
@@ -547,6 +547,27 @@ def test_space_validation_and_suggestions():
     trial = optuna.trial.FixedTrial({"n_ctx": 8, "lr": 1e-4, "center_loss_weight": 1e-3})
     assert suggest_overrides(trial, config.Config().tune.space) == {"n_ctx": 8, "lr": 1e-4,
                                                                     "center_loss_weight": 1e-3}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"n_ctx": {"type": "int", "low": 0, "high": 8}}, "tune.space.n_ctx: reaches 0, which the config refuses: n_ctx: "),
+    ({"epochs_image": {"type": "int", "low": 2, "high": 400}, "lr": {"type": "float", "low": 1e-4, "high": 1e-3}},
+     None),
+    ({"id_head": {"type": "categorical", "choices": ["arcface", "cosface"]}},
+     "tune.space.id_head: reaches 'cosface', which the config refuses: id_head: unknown value"),
+])
+def test_a_space_reaching_past_a_key_is_refused_before_the_study(tune_config, tmp_path, space, message):
+    """Each end of a range, and each choice, with the rest of the config as written; nothing of
+    the study (journal, MLflow parent run) exists when it is refused."""
+    options = TuneOptions(trials=1, study_name="ends", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    cfg = with_space(tune_config, space)
+    if message is None:
+        check_space_ends(cfg, cfg.tune.space)
+        return
+    with pytest.raises(config.ConfigError) as err:
+        run_study(cfg, options, log=lambda _: None, studies_dir=tmp_path / "studies")
+    assert str(err.value).startswith(message)
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "m.db").exists()
 
 
 def test_two_processes_share_one_study(tune_config, tmp_path, new_store):

@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import ConfigError, ResourceError, UsageError, WorkbenchError, os_error_message
+from .errors import CheckpointError, ConfigError, ResourceError, UsageError, WorkbenchError, os_error_message
 
 # Operating-system refusals that are the machine's state, not a bug: one line, exit 1.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
@@ -125,6 +125,8 @@ def cmd_resume(args) -> int:
     from .tracking import MlflowTracker, resolve_tracking_uri
 
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"run folder not found: {run_dir}")
     configs = sorted(run_dir.glob("*_config.yaml"))
     if len(configs) != 1:
         raise ConfigError(f"{run_dir}: expected one *_config.yaml of a workbench run, found {len(configs)}")
@@ -139,7 +141,7 @@ def cmd_resume(args) -> int:
         if not distributed.is_main():  # under torchrun rank 0 reopens the MLflow run
             train_joint(cfg, None, resume_dir=run_dir)
             return 0
-        tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg))
+        tracker = MlflowTracker(resolve_tracking_uri(args.tracking_uri, cfg), must_exist=True)  # where the run is
         _close_stale_runs(tracker, cfg.experiment, run_dir, "workbench resume")
         return _report(train_joint(cfg, tracker, resume_dir=run_dir), tracker)
 
@@ -266,7 +268,8 @@ def cmd_ui(args) -> int:
     from .tuning import storage_for
 
     uri = resolve_tracking_uri(args.tracking_uri, None)
-    MlflowTracker(uri)  # a store that cannot be used is one line here, not the server's traceback
+    MlflowTracker(uri, must_exist=True)  # a store that cannot be used is one line here, not the server's traceback
+    storage = storage_for(args.study, args.storage, must_exist=True)[1] if args.study else None
     ports = [args.port] + ([args.dashboard_port] if args.study else [])
     for port in ports:
         _check_port_free(args.host, port)
@@ -278,7 +281,6 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning over {uri}",
           flush=True)
     if args.study:
-        _, storage = storage_for(args.study, args.storage)
         dashboard = shutil.which("optuna-dashboard")
         if dashboard is None:
             print("optuna-dashboard is not installed (pip install optuna-dashboard); showing MLflow only")
@@ -400,6 +402,8 @@ def cmd_eval(args) -> int:
 
 def _checkpoint_file(path: Path) -> Path:
     """``path``, or in a run folder its BEST (else FINAL) image-stage checkpoint."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_dir():
         return path
     for tag in ("BEST", "FINAL"):
@@ -589,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--select-on-test", action="store_true",
                       help="allow a config without a validation hold-out: trials are then compared and pruned "
                            "on the test split (optimistic numbers)")
-    tune.add_argument("--tracking-uri")
+    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, MLFLOW_TRACKING_URI, "
+                                             "sqlite:///mlflow.db)")
     tune.set_defaults(func=cmd_tune)
 
     compare = sub.add_parser("compare", help="runs as a table sorted by a metric (and saved as CSV)",
@@ -599,14 +604,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metric", default="best_mAP", help="sort key (default best_mAP)")
     compare.add_argument("--out", help="CSV path (default compare_<study or experiment>.csv)")
     compare.add_argument("--table", choices=["text", "md", "latex"], help="print a Markdown or LaTeX table")
-    compare.add_argument("--tracking-uri")
+    compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     compare.set_defaults(func=cmd_compare)
 
     ui = sub.add_parser("ui", help="MLflow UI (and optuna-dashboard) on 127.0.0.1",
                         description="Start the MLflow UI over the store that run and tune use; with --study, also "
                                     "optuna-dashboard over that study's storage when it is installed.")
-    ui.add_argument("--tracking-uri")
-    ui.add_argument("--port", type=_port, default=5000)
+    ui.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    ui.add_argument("--port", type=_port, default=5000, help="the MLflow UI's port (default 5000)")
     ui.add_argument("--workers", type=_positive, default=1,
                     help="server processes (default 1: one researcher's UI starts in seconds; MLflow's own default is 4)")
     ui.add_argument("--host", default="127.0.0.1",
@@ -614,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "network, with no login)")
     ui.add_argument("--study", help="also open this study in optuna-dashboard")
     ui.add_argument("--storage", help="the study's storage, if not the default studies/<study>.journal")
-    ui.add_argument("--dashboard-port", type=_port, default=8080)
+    ui.add_argument("--dashboard-port", type=_port, default=8080, help="optuna-dashboard's port (default 8080)")
     ui.set_defaults(func=cmd_ui)
 
     ev = sub.add_parser("eval", help="rank-k and mAP of a checkpoint (or of the untrained model)",
@@ -632,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", action="store_true",
                     help="image-to-prompt retrieval over the training identities instead of ReID")
     ev.add_argument("--tracking-uri", help="where --splits logs (default: as workbench run)")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (YAML value; dots for sections), repeatable")
     ev.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import time
 import types
@@ -101,8 +102,8 @@ def _as_number(where: str, value, kind: str):
         value = float(value)
     if kind == "int" and isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"{where}: low and high must be numbers, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{where}: low and high must be finite numbers, got {value!r}")
     return value
 
 
@@ -223,7 +224,8 @@ class Config:
     split: int = 0
     """Which prepared query<i>/gallery<i> pair a run tests on (plain query/gallery folders are split 0)."""
     synthesize_if_missing: bool = False
-    """Generate the synthetic identity dataset into data_root when it does not exist."""
+    """Generate the synthetic identity dataset into data_root when it does not exist; one that exists
+    must have been made with these synth_* values (its synthetic.json says which)."""
     synth_identities: int = 60
     """Synthetic dataset: identities for training (and the validation hold-out)."""
     synth_test_identities: Optional[int] = None
@@ -396,10 +398,15 @@ class Config:
             bad("experiment", "must not be empty")
         if self.stage_mode not in STAGE_MODES:
             bad("stage_mode", f"unknown value {self.stage_mode!r}; choose one of {', '.join(STAGE_MODES)}")
-        for key in ("lr", "weight_decay", "center_lr", "eta_min"):
-            value = getattr(self, key)
-            if value < 0 or (key in ("lr", "center_lr") and value == 0):
-                bad(key, f"must be positive, got {value}")
+        for key in ("seed", "val_seed"):  # what numpy and torch take as a seed
+            if getattr(self, key) is not None and not 0 <= getattr(self, key) < 2**32:
+                bad(key, f"must be between 0 and 2**32 - 1, got {getattr(self, key)}")
+        for key in ("lr", "center_lr"):
+            if getattr(self, key) <= 0:
+                bad(key, f"must be positive, got {getattr(self, key)}")
+        for key in ("weight_decay", "eta_min"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.lr_prompt is not None and self.lr_prompt <= 0:
             bad("lr_prompt", f"must be positive, got {self.lr_prompt}")
         if self.center_loss_weight < 0:
@@ -412,6 +419,8 @@ class Config:
         _check_template("prompt_template", self.prompt_template, self.aspect)
         if len(self.image_size) != 2 or any(not isinstance(s, int) or s < 32 for s in self.image_size):
             bad("image_size", f"must be [height, width] with both at least 32, got {self.image_size}")
+        if not 0 <= self.pad <= min(self.image_size):
+            bad("pad", f"must be between 0 and the smaller side of image_size ({min(self.image_size)}), got {self.pad}")
         for key in ("epochs_prompt", "epochs_image", "warmup_epochs"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
@@ -443,8 +452,8 @@ class Config:
                          f"got {getattr(self, key)}")
         for key in ("pixel_mean", "pixel_std"):
             value = getattr(self, key)
-            if len(value) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value) or \
-                    (key == "pixel_std" and min(value) <= 0):
+            if len(value) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                      for v in value) or (key == "pixel_std" and min(value) <= 0):
                 bad(key, f"must be three numbers{' > 0' if key == 'pixel_std' else ''}, got {value}")
         if self.triplet_margin is not None and self.triplet_margin < 0:
             bad("triplet_margin", f"must be >= 0 or null (soft margin), got {self.triplet_margin}")
@@ -592,10 +601,12 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         want = _UNION_WANTS.get(key) or "expected " + " or ".join(getattr(k, "__name__", str(k)) for k in inner)
         raise ConfigError(f"{key}: {want}, got {type(value).__name__} {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # PyYAML reads 1e-4 (no dot) as a string
+            value = float(value)  # PyYAML reads 1e-4 (no dot) as a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan and .inf
+                raise ConfigError(f"{key}: must be a finite number, got {value}")
+            return float(value)
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -664,12 +675,28 @@ def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
     return values
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: otherwise
+    the later value would win without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML experiment file (or only the defaults when path is None), apply overrides,
     validate, and return the frozen Config. Raises ConfigError naming the offending key."""
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give an experiment YAML file, e.g. experiments/quickstart.yaml")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -679,7 +706,11 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         except OSError as err:
             raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
         try:
-            values = yaml.safe_load(text) or {}
+            loader = _UniqueKeyLoader(text)
+            try:
+                values = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

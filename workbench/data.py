@@ -10,6 +10,7 @@ identities or an optional ``root/val`` folder: ``val/{query,gallery}/<pid>/`` or
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -232,7 +233,8 @@ def _draw_holdout_pids(pids: list[str], val_identities: float, seed: int) -> set
     else:
         count = max(1, round(val_identities * len(pids)))
     if len(pids) - count < 2:
-        raise DataError(f"val_identities={val_identities} holds out {count} of {len(pids)} training identities; "
+        shown = int(val_identities) if val_identities >= 1 else val_identities  # 200, not 200.0
+        raise DataError(f"val_identities={shown} holds out {count} of {len(pids)} training identities; "
                         f"at least 2 must remain for training")
     rng = np.random.default_rng(seed)
     return {pids[i] for i in rng.choice(len(pids), size=count, replace=False)}
@@ -722,6 +724,19 @@ def render_hand(ident: dict, rng: np.random.Generator, camera: int, size: tuple[
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+SYNTHETIC_SETTINGS = "synthetic.json"  # what synthesize_dataset was asked for, beside the splits
+
+
+def synthetic_settings(root: str | Path) -> dict | None:
+    """The settings a synthetic dataset was made with, or None (not synthetic, or made before
+    they were written down)."""
+    path = Path(root) / SYNTHETIC_SETTINGS
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def synthesize_dataset(out: str | Path, identities: int = 60, images_per_identity: int = 8, seed: int = 0,
                        size: tuple[int, int] = (128, 64), test_identities: int | None = None) -> Path:
     """Write a synthetic hand ReID dataset in the folder layout and return its root.
@@ -736,7 +751,8 @@ def synthesize_dataset(out: str | Path, identities: int = 60, images_per_identit
 
     out = Path(out)
     if identities < 2 or images_per_identity < 2:
-        raise UsageError("synthetic data needs at least 2 identities and 2 images per identity")
+        raise UsageError(f"synthetic data needs at least 2 identities and 2 images per identity, got {identities} "
+                         f"identities of {images_per_identity} images")
     if min(size) < 16:
         raise UsageError(f"synthetic images need a height and width of at least 16 pixels, got {size[0]}x{size[1]}")
     if out.exists():
@@ -762,6 +778,9 @@ def synthesize_dataset(out: str | Path, identities: int = 60, images_per_identit
                 folder = tmp / split / pid
                 folder.mkdir(parents=True, exist_ok=True)
                 render_hand(ident, view_rng, camera, size).save(folder / f"{pid}_c{camera}_{i:03d}.png")
+        settings = {"identities": identities, "images_per_identity": images_per_identity,
+                    "test_identities": test_identities, "seed": seed, "size": list(size)}
+        (tmp / SYNTHETIC_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
     except BaseException:  # interrupted or out of space: no half-made dataset stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise

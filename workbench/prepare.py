@@ -218,7 +218,7 @@ def read_handinfo(path: str | Path) -> list[dict[str, str]]:
 def _hand_images(src: Path, aspects: Sequence[str]) -> tuple[dict[str, list[SourceImage]], dict[str, int]]:
     """(images, excluded): the images without accessories and the count left out, per wanted aspect."""
     if not src.is_dir():
-        raise DataError(f"11k Hands download not found: {src} (expected {src}/Hands/ and {src}/HandInfo.csv)")
+        raise UsageError(f"11k Hands download not found: {src} (expected {src}/Hands/ and {src}/HandInfo.csv)")
     hands, info = src / "Hands", src / "HandInfo.csv"
     if not hands.is_dir():
         raise DataError(f"{hands} not found: unpack Hands.zip of the 11k Hands download there")
@@ -274,7 +274,7 @@ def prepare_hd(src: str | Path, out: str | Path, splits: int = 10, seed: int = 0
     _check_options(splits, seed, mode)
     _refuse_existing(out, [ASPECT_HD])
     if not src.is_dir():
-        raise DataError(f"HD download not found: {src} (expected {src}/{HD_SUBJECTS}/ and {src}/{HD_DISTRACTORS}/)")
+        raise UsageError(f"HD download not found: {src} (expected {src}/{HD_SUBJECTS}/ and {src}/{HD_DISTRACTORS}/)")
     for name in (HD_SUBJECTS, HD_DISTRACTORS):
         if not (src / name).is_dir():
             raise DataError(f"{src / name} not found: the HD download holds {HD_SUBJECTS}/ and {HD_DISTRACTORS}/ "

@@ -25,8 +25,8 @@ from . import config as config_module
 from . import distributed
 from .config import Config, build_filename
 from .errors import TrackingError, UsageError, os_error_message
-from .data import (ReIDData, build_loaders, load_reid_dataset, load_test_split, loader_workers, records_digest,
-                   synthesize_dataset, test_loader)
+from .data import (ReIDData, build_loaders, detect_format, load_reid_dataset, load_test_split, loader_workers,
+                   records_digest, synthesize_dataset, synthetic_settings, test_loader)
 from .evaluation import evaluate_splits, mean_and_std
 from .pictures import pick_queries, plot_cmc, plot_ranked_lists, save_curves
 from .checkpoint import (GLOBAL_RNG, atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
@@ -138,15 +138,33 @@ def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
     """The data root, the synthetic dataset generated first when the config says so. Processes
     that start together (the workers of a study) generate it once: under a file lock beside it."""
     root = check_data_root(cfg)
-    if root.exists():
-        return root
-    with _dataset_lock(root):
-        if not root.exists():  # not made meanwhile by another process
-            log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} training identities)")
-            synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed,
-                               test_identities=cfg.synth_test_identities,
-                               size=tuple(cfg.image_size))
+    if not root.exists():
+        with _dataset_lock(root):
+            if not root.exists():  # not made meanwhile by another process
+                log(f"generating the synthetic dataset in {root} ({cfg.synth_identities} training identities)")
+                synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed,
+                                   test_identities=cfg.synth_test_identities,
+                                   size=tuple(cfg.image_size))
+    if cfg.synthesize_if_missing:
+        check_synthetic_settings(cfg, root)
     return root
+
+
+def check_synthetic_settings(cfg: Config, root: Path) -> None:
+    """A synthetic dataset already in ``data_root`` must be the one the config's synth_* keys
+    describe: otherwise the run would log those keys while it trains on other data. (Its seed
+    and image size are not compared: a run with another seed or size reads the same images.)"""
+    made = synthetic_settings(root)
+    if made is None:
+        return
+    wanted = {"identities": cfg.synth_identities, "images_per_identity": cfg.synth_images_per_identity,
+              "test_identities": cfg.synth_test_identities or cfg.synth_identities}
+    differ = [f"synth_{key} {made.get(key)} (the config says {value})" for key, value in wanted.items()
+              if made.get(key) != value]
+    if differ:
+        raise config_module.ConfigError(f"data_root: {root} holds a synthetic dataset made with {', '.join(differ)}; "
+                                        f"give another data_root, delete {root} to make it anew, or set "
+                                        f"synthesize_if_missing: false to train on it as it is")
 
 
 @contextlib.contextmanager
@@ -166,6 +184,9 @@ def _dataset_lock(root: Path):
         try:
             yield
         finally:
+            if root.exists():  # made: whoever waits on this lock finds it there, so the file can go
+                with contextlib.suppress(OSError):
+                    root.with_name(root.name + ".lock").unlink()
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
@@ -275,7 +296,16 @@ def preflight(cfg: Config, ranks: int | None = None) -> None:
     no run folder and no MLflow run behind."""
     resolve_model_name(cfg.model_type)
     select_device(cfg.device)
-    check_data_root(cfg)
+    root = check_data_root(cfg)
+    if cfg.synthesize_if_missing and root.is_dir():
+        check_synthetic_settings(cfg, root)
+    if root.is_dir():  # the training folder of its layout: a wrong data_root is the config's mistake
+        market = (detect_format(root) if cfg.dataset_format == "auto" else cfg.dataset_format) == "market1501"
+        train = root / ("bounding_box_train" if market else "train")
+        if not train.is_dir():
+            raise config_module.ConfigError(
+                f"data_root: {root} has no {train.name}/ folder: not a dataset in the {'Market-1501' if market else 'folder'} "
+                f"layout (train/, query/, gallery/ of identity folders; or Market-1501's bounding_box_train/)")
     if ranks is None:
         check_ranks(cfg, distributed.env_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     else:
@@ -468,14 +498,17 @@ def _tracked_run(cfg: Config, tracker: Tracker, report, run_dir: Path, stem: str
 
 
 def _resume_hint(cfg: Config, run_dir: Path, hint: bool) -> str:
-    """"; continue it with: workbench resume ..." when the run left a checkpoint to go on from."""
+    """"; continue it with: workbench resume ..." when the run left a checkpoint to go on from; when
+    it stopped before its first checkpoint (in the prompt stage, say), that the resume starts over."""
     starts = [run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="LAST"),
               run_dir / build_filename(cfg, cfg.epochs_prompt, "prompt", "pth", tag="FINAL")]
     final = run_dir / build_filename(cfg, cfg.epochs_image, "image", "pth", tag="FINAL")
-    if not (hint and cfg.trains_image and any(path.is_file() for path in starts)) or final.is_file():
+    if not (hint and cfg.trains_image) or final.is_file():
         return ""
     ranks = f" --nproc {distributed.world_size()}" if distributed.active() else ""
-    return f"; continue it with: workbench resume {run_dir}{ranks}"
+    if any(path.is_file() for path in starts):
+        return f"; continue it with: workbench resume {run_dir}{ranks}"
+    return f"; no checkpoint yet, so workbench resume {run_dir}{ranks} starts it over in its folder and MLflow run"
 
 
 def _train_prompt_stage(cfg: Config, clip_model, prompt_learner, loaders, device: torch.device, tracker: Tracker, log,

@@ -157,10 +157,10 @@ class MlflowTracker(NullTracker):
     HEARTBEAT_SECONDS = 120.0
     PROBE_TIMEOUT = 10.0
 
-    def __init__(self, tracking_uri: str):
+    def __init__(self, tracking_uri: str, must_exist: bool = False):
         super().__init__()
         self.tracking_uri = tracking_uri
-        self.client = _open_store(tracking_uri, self.PROBE_TIMEOUT)
+        self.client = _open_store(tracking_uri, self.PROBE_TIMEOUT, must_exist=must_exist)
         self._pending: list = []
         self._run_stack: list[str] = []
         self.last_run_id: str | None = None
@@ -588,6 +588,9 @@ def runs_table(tracking_uri: str, experiment: str | None = None, study: str | No
         frame = frame[frame.get("tags.study_name") == study]
     if frame.empty:
         return frame
+    if f"metrics.{metric}" not in frame.columns:
+        logged = sorted(c.split(".", 1)[1] for c in frame.columns if c.startswith("metrics."))
+        raise ValueError(f"--metric {metric}: no run here logged it; they logged {', '.join(logged) or 'no metric'}")
     wanted = ["tags.mlflow.runName", "run_id", "status", "tags.stage_mode", "tags.trial_number", "tags.state",
               *_varying_params(frame), f"metrics.{metric}", "metrics.best_rank1", "metrics.best_mAP",
               "metrics.test_rank1", "metrics.test_mAP", "tags.selection"]

@@ -127,13 +127,20 @@ def _has_tune_section(path: Path) -> bool:
         return False
 
 
-def storage_for(study_name: str, storage: str | None, studies_dir: Path = STUDIES_DIR):
+def storage_for(study_name: str, storage: str | None, studies_dir: Path = STUDIES_DIR, must_exist: bool = False):
     """``storage`` as Optuna takes it: a database URL (``sqlite:///...``, ``postgresql://...``) is
     used as is; a file path, or by default ``studies/<study>.journal``, becomes a journal file
     storage, which several processes can share safely (SQLite may answer 'database is locked').
     Returns (storage, label). A wrong argument (a folder, a path under a file, a file that is not
-    a journal, an unknown URL scheme) is a UsageError; a database that cannot be opened a StorageError."""
-    return _open_storage(*_check_storage(study_name, storage, studies_dir))
+    a journal, an unknown URL scheme; with ``must_exist``, for commands that only read, a journal
+    or SQLite file that is not there) is a UsageError; a database that cannot be opened a StorageError."""
+    found = _check_storage(study_name, storage, studies_dir)
+    url, path, _, label = found
+    missing = path if path is not None else (Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None)
+    if must_exist and missing is not None and not missing.is_file():
+        raise UsageError(f"{label}: not found; name a study that `workbench tune` has run (--study), or give its "
+                         f"--storage")
+    return _open_storage(*found)
 
 
 def _check_storage(study_name: str, storage: str | None, studies_dir: Path):
@@ -1205,10 +1212,25 @@ def _optuna_plots(study: optuna.Study, folder: Path, name: str) -> list[Path]:
     return written
 
 
+def check_space_ends(cfg: Config, space: dict) -> None:
+    """Each end of a searched range, and each choice, must be a value its key takes with the rest
+    of the config as written: a space that reaches past what a key allows is one error before the
+    study starts, not trials that fail one by one."""
+    for name, spec in space.items():
+        ends = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        for value in ends:
+            value = int(value) if spec["type"] == "int" else value
+            try:
+                config_module.replace(cfg, **{name: value})
+            except ConfigError as err:
+                raise ConfigError(f"tune.space.{name}: reaches {value!r}, which the config refuses: {err}") from None
+
+
 def run_study(cfg: Config, options: TuneOptions, config_path: str | None = None,
               base_overrides: list[str] | None = None, log: Callable[[str], None] = print,
               studies_dir: Path = STUDIES_DIR) -> optuna.Study:
     """Create or resume the study and run the missing trials; returns the Optuna study."""
+    check_space_ends(cfg, cfg.tune.space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     study = Study(cfg, options, config_path, base_overrides, log, studies_dir)
