@@ -91,6 +91,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
         config.load(write(tmp_path, "lr: 1.0e-3\nn_ctx: 4\nlr: 2.0e-3\n"))
     with pytest.raises(ConfigError, match="key 'metric' appears twice"):
         config.load(write(tmp_path, "tune:\n  metric: best_mAP\n  metric: best_rank1\n"))
+    # YAML merge keys still work: keys written beside `<<:` override the merged ones without a word
+    merged = config.load(write(tmp_path, "tune:\n  space:\n    lr: &grid {type: float, low: 1.0e-4, high: 1.0e-2}\n"
+                                         "    center_lr:\n      <<: *grid\n      high: 0.1\n"))
+    assert merged.tune.space["center_lr"] == {"type": "float", "low": 1e-4, "high": 0.1}
 
 
 def test_limits_and_their_wording():

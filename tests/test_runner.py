@@ -155,8 +155,14 @@ def test_config_mistakes_exit_2_before_a_run_exists(tiny_config, tmp_path, capsy
     (tmp_path / "empty").mkdir()  # a folder, but not a dataset
     assert main(["run", str(cfg_path), "--set", f"data_root={tmp_path / 'empty'}", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"workbench: error: data_root: {tmp_path / 'empty'} has no train/ folder: not a dataset in the folder layout "
-        f"(train/, query/, gallery/ of identity folders; or Market-1501's bounding_box_train/)")
+        f"workbench: error: data_root: {tmp_path / 'empty'} has no train/, query/, gallery/: not a dataset in the "
+        f"folder layout (train/, query/, gallery/ of identity folders, or Market-1501's bounding_box_train/, query/, "
+        f"bounding_box_test/)")
+    (tmp_path / "market" / "bounding_box_train").mkdir(parents=True)  # Market-1501's, without its test folders
+    assert main(["eval", str(cfg_path), "--set", f"data_root={tmp_path / 'market'}"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"workbench: error: data_root: {tmp_path / 'market'} has no query/, bounding_box_test/: not a dataset in the "
+        f"Market-1501 layout")
     experiment = MlflowClient(uri).get_experiment_by_name("quickstart")
     assert experiment is None or not MlflowClient(uri).search_runs([experiment.experiment_id])
     assert not Path(tiny_config.output_dir).exists()

@@ -555,6 +555,13 @@ def test_space_validation_and_suggestions():
      None),
     ({"id_head": {"type": "categorical", "choices": ["arcface", "cosface"]}},
      "tune.space.id_head: reaches 'cosface', which the config refuses: id_head: unknown value"),
+    # legal together with the other searched key's ends, though not with the config as written (batch 8)
+    ({"num_instances": {"type": "categorical", "choices": [2, 8]},
+      "batch_size": {"type": "categorical", "choices": [16, 32]}}, None),
+    ({"batch_size": {"type": "int", "low": 8, "high": 30, "step": 8}}, None),  # Optuna's grid ends at 24
+    ({"num_instances": {"type": "categorical", "choices": [2, 16]},
+      "batch_size": {"type": "categorical", "choices": [16, 24]}},
+     "tune.space.num_instances: reaches 16, which the config refuses: batch_size: must be a multiple"),
 ])
 def test_a_space_reaching_past_a_key_is_refused_before_the_study(tune_config, tmp_path, space, message):
     """Each end of a range, and each choice, with the rest of the config as written; nothing of
@@ -568,6 +575,26 @@ def test_a_space_reaching_past_a_key_is_refused_before_the_study(tune_config, tm
         run_study(cfg, options, log=lambda _: None, studies_dir=tmp_path / "studies")
     assert str(err.value).startswith(message)
     assert not (tmp_path / "studies").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_a_study_checks_the_data_root_before_it_exists(tune_config, tmp_path):
+    """As `workbench run` does: a data_root that is no dataset is one error, with no journal or
+    MLflow parent run left behind."""
+    (tmp_path / "empty").mkdir()
+    options = TuneOptions(trials=1, study_name="nodata", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(config.ConfigError, match="has no train/, query/, gallery/"):
+        run_study(config.replace(tune_config, data_root=str(tmp_path / "empty")), options, log=lambda _: None,
+                  studies_dir=tmp_path / "studies")
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_the_sampler_seed_of_a_resumed_study_stays_in_range(tune_config, tmp_path):
+    """The k-th session samples with seed + k, taken modulo 2**32 (the largest seed is legal)."""
+    cfg = config.replace(tune_config, seed=2**32 - 1, epochs_image=1, save_checkpoints=False)
+    for trials in (1, 2):  # the second session resumes the study
+        options = TuneOptions(trials=trials, study_name="edge", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                              pruner="none")
+        assert len(run_study(cfg, options, log=lambda _: None, studies_dir=tmp_path / "studies").trials) == trials
 
 
 def test_two_processes_share_one_study(tune_config, tmp_path, new_store):

@@ -126,7 +126,7 @@ def cmd_resume(args) -> int:
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise UsageError(f"run folder not found: {run_dir}")
+        raise UsageError(f"{run_dir} is a file, not a run folder" if run_dir.exists() else f"run folder not found: {run_dir}")
     configs = sorted(run_dir.glob("*_config.yaml"))
     if len(configs) != 1:
         raise ConfigError(f"{run_dir}: expected one *_config.yaml of a workbench run, found {len(configs)}")

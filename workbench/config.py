@@ -85,25 +85,26 @@ def _check_search_dimension(name: str, spec) -> None:
         if not isinstance(spec.get("choices"), list) or not spec["choices"]:
             raise ConfigError(f"{where}: categorical needs a non-empty list of choices")
         return
-    number = int if spec["type"] == "int" else (int, float)
-    low, high = spec.get("low"), spec.get("high")
-    if not isinstance(low, number) or not isinstance(high, number) or isinstance(low, bool):
-        low, high = _as_number(where, low, spec["type"]), _as_number(where, high, spec["type"])
+    low, high = _as_number(where, spec.get("low"), spec["type"]), _as_number(where, spec.get("high"), spec["type"])
+    step = None if spec.get("step") is None else _as_number(where, spec["step"], spec["type"], "step")
+    if spec["type"] == "int" and not all(isinstance(v, int) for v in (low, high, step or 1)):
+        raise ConfigError(f"{where}: an int range needs whole numbers, got low {low}, high {high}, step {step}")
     if not low < high:
         raise ConfigError(f"{where}: empty range: low {low} must be below high {high}")
     if spec.get("log") and low <= 0:
         raise ConfigError(f"{where}: a log scale needs low > 0, got {low}")
-    if spec.get("step") is not None and (spec.get("log") or spec["step"] <= 0):
+    if step is not None and (spec.get("log") or step <= 0):
         raise ConfigError(f"{where}: step must be > 0 and cannot go with log")
 
 
-def _as_number(where: str, value, kind: str):
+def _as_number(where: str, value, kind: str, what: str = "low and high"):
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)
     if kind == "int" and isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ConfigError(f"{where}: low and high must be finite numbers, got {value!r}")
+        raise ConfigError(f"{where}: {what} must be {'finite numbers' if ' and ' in what else 'a finite number'}, "
+                          f"got {value!r}")
     return value
 
 
@@ -113,7 +114,7 @@ def _numeric_spec(name: str, spec: dict) -> dict:
     out = dict(spec)
     for key in ("low", "high", "step"):
         if out.get(key) is not None:
-            out[key] = _as_number(f"space.{name}", out[key], spec["type"])
+            out[key] = _as_number(f"space.{name}", out[key], spec["type"], "step" if key == "step" else "low and high")
     return out
 
 
@@ -682,6 +683,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys written next to it override
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)

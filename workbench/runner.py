@@ -24,9 +24,9 @@ import torch
 from . import config as config_module
 from . import distributed
 from .config import Config, build_filename
-from .errors import TrackingError, UsageError, os_error_message
+from .errors import DataError, TrackingError, UsageError, os_error_message
 from .data import (ReIDData, build_loaders, detect_format, load_reid_dataset, load_test_split, loader_workers,
-                   records_digest, synthesize_dataset, synthetic_settings, test_loader)
+                   records_digest, split_folders, synthesize_dataset, synthetic_settings, test_loader)
 from .evaluation import evaluate_splits, mean_and_std
 from .pictures import pick_queries, plot_cmc, plot_ranked_lists, save_curves
 from .checkpoint import (GLOBAL_RNG, atomic_torch_save, atomic_write_text, check_readable, load_checkpoint,
@@ -131,7 +131,28 @@ def check_data_root(cfg: Config) -> Path:
                                         f"synthesize_if_missing: true for the synthetic dataset)")
     if root.exists() and not root.is_dir():
         raise config_module.ConfigError(f"data_root: {root} is a file, not a dataset folder")
+    if root.is_dir():
+        _check_layout(cfg, root)
     return root
+
+
+def _check_layout(cfg: Config, root: Path) -> None:
+    """The folders of ``data_root``'s layout (for the config's test split) are there: a data_root
+    that is not a dataset is the config's mistake, found before a run exists."""
+    market = (detect_format(root) if cfg.dataset_format == "auto" else cfg.dataset_format) == "market1501"
+    if market:
+        needed = [root / "bounding_box_train", root / "query", root / "bounding_box_test"]
+    else:
+        try:
+            needed = [root / "train", *split_folders(root, cfg.split)]
+        except DataError as err:  # a split the prepared tree does not have
+            raise config_module.ConfigError(str(err)) from None
+    missing = [f"{path.name}/" for path in needed if not path.is_dir()]
+    if missing:
+        raise config_module.ConfigError(
+            f"data_root: {root} has no {', '.join(missing)}: not a dataset in the "
+            f"{'Market-1501' if market else 'folder'} layout (train/, query/, gallery/ of identity folders, or "
+            f"Market-1501's bounding_box_train/, query/, bounding_box_test/)")
 
 
 def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
@@ -159,7 +180,8 @@ def check_synthetic_settings(cfg: Config, root: Path) -> None:
         return
     wanted = {"identities": cfg.synth_identities, "images_per_identity": cfg.synth_images_per_identity,
               "test_identities": cfg.synth_test_identities or cfg.synth_identities}
-    differ = [f"synth_{key} {made.get(key)} (the config says {value})" for key, value in wanted.items()
+    said = {"test_identities": f"null, i.e. {cfg.synth_identities}"} if cfg.synth_test_identities is None else {}
+    differ = [f"synth_{key} {made.get(key)} (the config says {said.get(key, value)})" for key, value in wanted.items()
               if made.get(key) != value]
     if differ:
         raise config_module.ConfigError(f"data_root: {root} holds a synthetic dataset made with {', '.join(differ)}; "
@@ -299,13 +321,6 @@ def preflight(cfg: Config, ranks: int | None = None) -> None:
     root = check_data_root(cfg)
     if cfg.synthesize_if_missing and root.is_dir():
         check_synthetic_settings(cfg, root)
-    if root.is_dir():  # the training folder of its layout: a wrong data_root is the config's mistake
-        market = (detect_format(root) if cfg.dataset_format == "auto" else cfg.dataset_format) == "market1501"
-        train = root / ("bounding_box_train" if market else "train")
-        if not train.is_dir():
-            raise config_module.ConfigError(
-                f"data_root: {root} has no {train.name}/ folder: not a dataset in the {'Market-1501' if market else 'folder'} "
-                f"layout (train/, query/, gallery/ of identity folders; or Market-1501's bounding_box_train/)")
     if ranks is None:
         check_ranks(cfg, distributed.env_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     else:

@@ -18,6 +18,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ import torch
 from . import config as config_module
 from .config import TUNE_METRICS, Config, ConfigError, build_filename
 from .errors import ResourceError, StorageError, StudyFailed, TrackingError, UsageError, os_error_message
-from .runner import FeatureCache, PromptStageCache, train_joint, workers_side_by_side
+from .runner import FeatureCache, PromptStageCache, preflight, train_joint, workers_side_by_side
 from .tracking import MlflowTracker, RunStopped, machine_id, mark_stale_runs, on_this_machine, process_alive
 
 STUDIES_DIR = Path("studies")
@@ -718,7 +719,7 @@ class Study:
                 # workers do not propose the same ones.
                 session = self.study.user_attrs.get(SESSIONS_ATTR, 0)
                 self.study.set_user_attr(SESSIONS_ATTR, session + 1)
-                self.study.sampler = build_sampler(self.sampler_name, cfg.seed + session)
+                self.study.sampler = build_sampler(self.sampler_name, (cfg.seed + session) % 2**32)
                 self._enqueue_defaults()
             except BaseException as err:
                 self._end_parent(err)
@@ -1212,24 +1213,43 @@ def _optuna_plots(study: optuna.Study, folder: Path, name: str) -> list[Path]:
     return written
 
 
-def check_space_ends(cfg: Config, space: dict) -> None:
-    """Each end of a searched range, and each choice, must be a value its key takes with the rest
-    of the config as written: a space that reaches past what a key allows is one error before the
-    study starts, not trials that fail one by one."""
-    for name, spec in space.items():
-        ends = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
-        for value in ends:
-            value = int(value) if spec["type"] == "int" else value
-            try:
-                config_module.replace(cfg, **{name: value})
-            except ConfigError as err:
-                raise ConfigError(f"tune.space.{name}: reaches {value!r}, which the config refuses: {err}") from None
+def _ends(spec: dict) -> list:
+    """The values a dimension can reach at its edges: each choice, or low and the highest value on
+    its step grid."""
+    if spec["type"] == "categorical":
+        return list(spec["choices"])
+    low, high, step = spec["low"], spec["high"], spec.get("step")
+    if spec["type"] == "int":
+        low, high, step = int(low), int(high), int(step or 1)
+    top = high if step is None else low + math.floor((high - low) / step + 1e-9) * step
+    return [low, top]
+
+
+def check_space_ends(cfg: Config, space: dict, most: int = 256) -> None:
+    """Each end of a searched range, and each choice, must be a value its key can take together
+    with some ends of the other searched keys (the rest of the config as written): a space that
+    reaches past what a key allows is one error before the study starts, not trials that fail one
+    by one. Values inside a range are not checked; at most ``most`` combinations are tried."""
+    names = list(space)
+    for name in names:
+        others = [[(other, value) for value in _ends(space[other])] for other in names if other != name]
+        for value in _ends(space[name]):
+            first = None
+            for combination in itertools.islice(itertools.product(*others), most):
+                try:
+                    config_module.replace(cfg, **dict(combination), **{name: value})
+                    break
+                except ConfigError as err:
+                    first = first or err
+            else:
+                raise ConfigError(f"tune.space.{name}: reaches {value!r}, which the config refuses: {first}") from None
 
 
 def run_study(cfg: Config, options: TuneOptions, config_path: str | None = None,
               base_overrides: list[str] | None = None, log: Callable[[str], None] = print,
               studies_dir: Path = STUDIES_DIR) -> optuna.Study:
     """Create or resume the study and run the missing trials; returns the Optuna study."""
+    preflight(cfg)  # the config's mistakes (data_root, model, device) before the study exists, as for a run
     check_space_ends(cfg, cfg.tune.space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
