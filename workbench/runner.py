@@ -124,7 +124,8 @@ def setup_logger(log_path: Path | None) -> logging.Logger:
 
 
 def check_data_root(cfg: Config) -> Path:
-    """``data_root``, or a ConfigError when it is missing and will not be synthesized."""
+    """``data_root``, or a ConfigError when it is missing and will not be synthesized, lacks its
+    layout's folders, or holds a synthetic dataset other than the config's synth_* keys describe."""
     root = Path(cfg.data_root)
     if not root.exists() and not cfg.synthesize_if_missing:
         raise config_module.ConfigError(f"data_root: dataset folder not found: {root} (set data_root, or "
@@ -133,6 +134,8 @@ def check_data_root(cfg: Config) -> Path:
         raise config_module.ConfigError(f"data_root: {root} is a file, not a dataset folder")
     if root.is_dir():
         _check_layout(cfg, root)
+        if cfg.synthesize_if_missing:
+            check_synthetic_settings(cfg, root)
     return root
 
 
@@ -166,8 +169,6 @@ def ensure_dataset(cfg: Config, log: Callable[[str], None]) -> Path:
                 synthesize_dataset(root, cfg.synth_identities, cfg.synth_images_per_identity, seed=cfg.seed,
                                    test_identities=cfg.synth_test_identities,
                                    size=tuple(cfg.image_size))
-    if cfg.synthesize_if_missing:
-        check_synthetic_settings(cfg, root)
     return root
 
 
@@ -318,9 +319,7 @@ def preflight(cfg: Config, ranks: int | None = None) -> None:
     no run folder and no MLflow run behind."""
     resolve_model_name(cfg.model_type)
     select_device(cfg.device)
-    root = check_data_root(cfg)
-    if cfg.synthesize_if_missing and root.is_dir():
-        check_synthetic_settings(cfg, root)
+    check_data_root(cfg)
     if ranks is None:
         check_ranks(cfg, distributed.env_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     else:
